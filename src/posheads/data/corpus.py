@@ -327,7 +327,7 @@ class HFDatasetCorpus(DocumentSource):
         return (
             f"Could not load the dataset {self.dataset_name!r} (config_name={self.config_name!r}, "
             f"split={self.split!r}) with datasets.load_dataset: {type(err).__name__}: {err}. "
-            f"This machine may be offline (datasets offline mode: {offline}; HF_DATASETS_OFFLINE=1) and the dataset not in "
+            f"This machine may be offline (datasets offline mode is {offline}) and the dataset not in "
             f"the local cache. To use it, download it where there is network, or save its text locally and use "
             f"CorpusConfig(kind='files', paths=['data.jsonl'], text_field={self.text_field!r}) "
             f"(.jsonl one document per line, .txt/.md/.py one document per file, directories recursively); "
