@@ -130,7 +130,9 @@ class StdlibCorpus(DocumentSource):
         self.root = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
         if not self.root.is_dir():
             raise FileNotFoundError(f"StdlibCorpus root={str(self.root)!r} is not a directory")
-        self.name = "stdlib" + ("+subpackages" if self.subpackages else "") + ("+tests" if self.include_tests else "")
+        self.name = (
+            "stdlib" + ("+subpackages" if self.subpackages else "") + ("+tests" if self.include_tests else "")
+        )
 
     def files(self) -> list[Path]:
         """The files read, in document order."""
@@ -139,7 +141,11 @@ class StdlibCorpus(DocumentSource):
             return top
         sub: list[Path] = []
         for entry in sorted(self.root.iterdir(), key=lambda p: p.name):
-            if entry.is_dir() and self._is_wanted_package(entry) and entry.name not in STDLIB_EXCLUDED_PACKAGES:
+            if (
+                entry.is_dir()
+                and self._is_wanted_package(entry)
+                and entry.name not in STDLIB_EXCLUDED_PACKAGES
+            ):
                 sub.extend(self._package_files(entry))
         sub.sort(key=lambda p: p.relative_to(self.root).as_posix())
         return top + sub
@@ -257,7 +263,9 @@ class LocalFilesCorpus(DocumentSource):
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"LocalFilesCorpus: {display}:{lineno} is not valid JSON ({err})") from err
+                    raise ValueError(
+                        f"LocalFilesCorpus: {display}:{lineno} is not valid JSON ({err})"
+                    ) from err
                 if not isinstance(record, dict) or self.text_field not in record:
                     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
                     raise ValueError(
@@ -312,7 +320,9 @@ class HFDatasetCorpus(DocumentSource):
         self.text_field = text_field
         self.max_documents = max_documents
         self.streaming = bool(streaming)
-        self.data_files = [str(f) for f in data_files] if isinstance(data_files, (list, tuple)) else data_files
+        self.data_files = (
+            [str(f) for f in data_files] if isinstance(data_files, (list, tuple)) else data_files
+        )
         self.cache_dir = cache_dir
         self.name = f"hf:{name}" + (f":{config_name}" if config_name else "") + f"/{split}"
         self._dataset: Any = None
@@ -453,13 +463,19 @@ class CorpusConfig:
             raise ValueError(f"corpus.kind={self.kind!r} is not one of {list(CORPUS_KINDS)}")
         if isinstance(self.paths, (str, os.PathLike)):
             self.paths = [str(self.paths)]
-        if not isinstance(self.paths, (list, tuple)) or not all(isinstance(p, (str, os.PathLike)) for p in self.paths):
+        if not isinstance(self.paths, (list, tuple)) or not all(
+            isinstance(p, (str, os.PathLike)) for p in self.paths
+        ):
             raise ValueError(f"corpus.paths={self.paths!r} must be a list of file or directory paths")
         self.paths = [str(p) for p in self.paths]
         if self.kind == "files" and not self.paths:
-            raise ValueError("corpus.paths=[] is empty but corpus.kind='files' needs at least one file or directory")
+            raise ValueError(
+                "corpus.paths=[] is empty but corpus.kind='files' needs at least one file or directory"
+            )
         if self.kind == "hf" and not self.name:
-            raise ValueError(f"corpus.name={self.name!r}: corpus.kind='hf' needs a datasets name (e.g. 'wikitext')")
+            raise ValueError(
+                f"corpus.name={self.name!r}: corpus.kind='hf' needs a datasets name (e.g. 'wikitext')"
+            )
         for opt in ("split", "text_field", "pattern"):
             value = getattr(self, opt)
             if not isinstance(value, str) or not value:
@@ -469,9 +485,13 @@ class CorpusConfig:
             if not isinstance(value, bool):
                 raise ValueError(f"corpus.{opt}={value!r} must be a bool")
         if self.max_documents is not None and (
-            isinstance(self.max_documents, bool) or not isinstance(self.max_documents, int) or self.max_documents < 1
+            isinstance(self.max_documents, bool)
+            or not isinstance(self.max_documents, int)
+            or self.max_documents < 1
         ):
-            raise ValueError(f"corpus.max_documents={self.max_documents!r} must be a positive integer or None")
+            raise ValueError(
+                f"corpus.max_documents={self.max_documents!r} must be a positive integer or None"
+            )
 
 
 def build_corpus(cfg: CorpusConfig) -> DocumentSource:

@@ -62,7 +62,9 @@ class TokenizedDocument:
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 1:
-            raise ValueError(f"TokenizedDocument {self.name!r}: ids must be 1-D, got shape {tuple(self.ids.shape)}")
+            raise ValueError(
+                f"TokenizedDocument {self.name!r}: ids must be 1-D, got shape {tuple(self.ids.shape)}"
+            )
 
     @property
     def n_tokens(self) -> int:
@@ -249,7 +251,9 @@ _Named = TypeVar("_Named", Document, TokenizedDocument)
 
 def _split_rank(name: str, seed: int) -> int:
     """A stable 64-bit hash of (seed, name) -- ``hash()`` is salted per process and unusable here."""
-    return int.from_bytes(hashlib.sha256(f"{seed}\x00{name}".encode("utf-8", "surrogatepass")).digest()[:8], "big")
+    return int.from_bytes(
+        hashlib.sha256(f"{seed}\x00{name}".encode("utf-8", "surrogatepass")).digest()[:8], "big"
+    )
 
 
 def split_by_document(
@@ -420,7 +424,9 @@ def window_corpus(
     return out
 
 
-def window_tensors(doc: TokenizedDocument, window: Window, ignore_index: int = -100) -> tuple[torch.Tensor, torch.Tensor]:
+def window_tensors(
+    doc: TokenizedDocument, window: Window, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, labels)`` for one window, both int64 ``[length]``, in the Hugging Face convention.
 
     ``labels`` equals ``input_ids`` on the scored region and ``ignore_index`` before it; the model's loss

@@ -451,7 +451,7 @@ def _yarn_params(s: RopeScaling, b: RopeBase) -> dict[str, Any]:
         "factor": s.factor,
         "original_max_position_embeddings": b.original_max_position_embeddings,
         "beta_fast": s.beta_fast,
-        "beta_slow": s.beta_slow,
+        "beta_slow": s.beta_slow, "attention_factor": 1.0,
     }
     if s.attention_factor is not None:
         params["attention_factor"] = s.attention_factor
