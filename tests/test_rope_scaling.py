@@ -8,7 +8,14 @@ import math
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -121,8 +128,9 @@ def test_inverse_frequencies_match_closed_forms(which, method):
 
 
 def test_closed_form_properties():
-    """Sanity of the references themselves: NTK keeps the highest and interpolates the lowest frequency by s;
-    dynamic NTK equals static NTK at L = L0 * (s-1)/s + L0 / s ... i.e. it grows monotonically with L."""
+    """Sanity of the references themselves: NTK keeps the highest frequency and interpolates the lowest by
+    exactly s; dynamic NTK is unscaled at L0 and lowers the frequencies monotonically as L grows; Llama-3
+    keeps the highest and divides the lowest by s."""
     base = ref.rope_inv_freq(DIM, THETA)
     ntk = ref.ntk_inv_freq(DIM, THETA, 4.0)
     assert ntk[0] == 1.0 and base[0] == 1.0
@@ -218,8 +226,9 @@ def test_default_rope_type_methods_match_transformers(method, theta):
     config = apply_rope_scaling(tiny_config(), make_scaling(method, 1.0 if method == "none" else 4.0))
     assert config.rope_parameters["rope_type"] == "default"
     assert config.rope_parameters["rope_theta"] == pytest.approx(theta, rel=1e-14)
-    expected, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(_transformers_config(
-        {"rope_type": "default", "rope_theta": theta}, ORIG))
+    expected, _ = LlamaRotaryEmbedding.compute_default_rope_parameters(
+        _transformers_config({"rope_type": "default", "rope_theta": theta}, ORIG)
+    )
     assert torch.equal(model_inverse_frequencies(config)[0], expected)
     assert torch.equal(LlamaRotaryEmbedding(config).inv_freq, expected)
 
@@ -258,6 +267,28 @@ def test_unscaled_methods_are_bit_identical(base_model, tokens):
     for factor in (1.0, 4.0):
         scaled = build_scaled(base_model, make_scaling("dynamic", factor))
         assert torch.equal(logits(scaled, tokens[:, :ORIG]), reference_logits[:, :ORIG])
+
+
+@pytest.mark.parametrize("head_dim,theta,l0", [(16, THETA, ORIG), (128, 5e5, 8192), (96, 1e6, 4096)])
+def test_factor_one_is_exactly_unscaled_rope(head_dim, theta, l0):
+    """At factor 1 Transformers' YaRN / Llama-3 blends ``x (1-w) + x w`` and can be off by an ulp
+    (e.g. YaRN at head_dim 128, Llama-3 at head_dim 96); factor 1 must be exactly the unscaled RoPE."""
+    config = LlamaConfig(
+        vocab_size=8,
+        hidden_size=2 * head_dim,
+        intermediate_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=l0,
+        rope_parameters={"rope_type": "default", "rope_theta": theta},
+    )
+    unscaled, _ = model_inverse_frequencies(config)
+    for method in ("none", "linear", "ntk", "yarn", "llama3"):
+        scaled = apply_rope_scaling(copy.deepcopy(config), make_scaling(method, 1.0))
+        assert scaled.max_position_embeddings == l0
+        inv_freq, attention = model_inverse_frequencies(scaled)
+        assert torch.equal(inv_freq, unscaled) and attention == 1.0, method
 
 
 @pytest.mark.parametrize("method", ["linear", "ntk", "dynamic", "yarn", "llama3", "longrope"])
@@ -308,16 +339,23 @@ def test_apply_to_model_resets_caches_and_does_not_compound(base_model, tokens):
     other_long = [f * 1.5 for f in LONG_F]
     apply_rope_scaling_to_model(model, make_scaling("longrope", 4.0, long_factor=other_long))
     torch.testing.assert_close(
-        model_inverse_frequencies(model, LONG)[0].double(), ref.longrope_inv_freq(DIM, THETA, other_long), rtol=2e-6, atol=0
+        model_inverse_frequencies(model, LONG)[0].double(),
+        ref.longrope_inv_freq(DIM, THETA, other_long),
+        rtol=2e-6,
+        atol=0,
     )
     # NTK twice = NTK once (the base change starts from the pre-trained theta), then back to linear
     apply_rope_scaling_to_model(model, make_scaling("ntk", 4.0))
     apply_rope_scaling_to_model(model, make_scaling("ntk", 4.0))
     assert base_rope_theta(model.config) == THETA and original_context_length(model.config) == ORIG
-    assert torch.equal(logits(model, tokens), logits(build_scaled(base_model, make_scaling("ntk", 4.0)), tokens))
+    assert torch.equal(
+        logits(model, tokens), logits(build_scaled(base_model, make_scaling("ntk", 4.0)), tokens)
+    )
     apply_rope_scaling_to_model(model, make_scaling("linear", 2.0))
     assert model.config.max_position_embeddings == 2 * ORIG
-    assert torch.equal(logits(model, tokens), logits(build_scaled(base_model, make_scaling("linear", 2.0)), tokens))
+    assert torch.equal(
+        logits(model, tokens), logits(build_scaled(base_model, make_scaling("linear", 2.0)), tokens)
+    )
 
 
 def test_apply_to_model_keeps_float32_buffers_in_half_precision_model(base_model, tokens):
@@ -371,21 +409,38 @@ def test_lengths_and_provenance():
     config = apply_rope_scaling(tiny_config(), make_scaling("yarn", 3.0))
     assert config.max_position_embeddings == 3 * ORIG
     assert config.rope_parameters["original_max_position_embeddings"] == ORIG
-    config = apply_rope_scaling(tiny_config(), make_scaling("yarn", 2.0, original_max_position_embeddings=32, max_position_embeddings=100))
-    assert (config.max_position_embeddings, config.rope_parameters["original_max_position_embeddings"]) == (100, 32)
+    config = apply_rope_scaling(
+        tiny_config(),
+        make_scaling("yarn", 2.0, original_max_position_embeddings=32, max_position_embeddings=100),
+    )
+    assert (config.max_position_embeddings, config.rope_parameters["original_max_position_embeddings"]) == (
+        100,
+        32,
+    )
     dyn = apply_rope_scaling(tiny_config(), make_scaling("dynamic", 4.0))
     assert dyn.max_position_embeddings == ORIG  # Transformers grows beyond max_position_embeddings
     assert original_context_length(dyn) == ORIG
     # re-scaling starts from the recorded original context, not the scaled max length
-    lin = apply_rope_scaling(apply_rope_scaling(tiny_config(), make_scaling("linear", 4.0)), make_scaling("yarn", 2.0))
-    assert lin.rope_parameters["original_max_position_embeddings"] == ORIG and lin.max_position_embeddings == 2 * ORIG
+    lin = apply_rope_scaling(
+        apply_rope_scaling(tiny_config(), make_scaling("linear", 4.0)), make_scaling("yarn", 2.0)
+    )
+    assert (
+        lin.rope_parameters["original_max_position_embeddings"] == ORIG
+        and lin.max_position_embeddings == 2 * ORIG
+    )
     # the record survives serialisation and reads back as the same scaling
     reloaded = LlamaConfig.from_dict(lin.to_dict())
-    assert scaling_of(reloaded) == scaling_of(lin) == make_scaling("yarn", 2.0, original_max_position_embeddings=ORIG, max_position_embeddings=2 * ORIG)
+    assert (
+        scaling_of(reloaded)
+        == scaling_of(lin)
+        == make_scaling("yarn", 2.0, original_max_position_embeddings=ORIG, max_position_embeddings=2 * ORIG)
+    )
     assert torch.equal(model_inverse_frequencies(reloaded)[0], model_inverse_frequencies(lin)[0])
     # a hub-style config scaled by someone else reads back from rope_parameters
     hub = _transformers_config(copy.deepcopy(TRANSFORMERS_CASES["yarn"][0]), 4 * ORIG)
-    assert scaling_of(hub) == RopeScaling("yarn", 4.0, original_max_position_embeddings=ORIG, max_position_embeddings=4 * ORIG)
+    assert scaling_of(hub) == RopeScaling(
+        "yarn", 4.0, original_max_position_embeddings=ORIG, max_position_embeddings=4 * ORIG
+    )
     assert scaling_of(tiny_config()) == RopeScaling()
 
 
@@ -399,25 +454,34 @@ def test_rope_parameters_for_is_pure():
 
 def test_for_target_length():
     s = RopeScaling.for_target_length("yarn", 64, 256, beta_fast=16.0)
-    assert (s.method, s.factor, s.original_max_position_embeddings, s.max_position_embeddings, s.beta_fast) == (
-        "yarn", 4.0, 64, 256, 16.0
-    )
+    assert (
+        s.method,
+        s.factor,
+        s.original_max_position_embeddings,
+        s.max_position_embeddings,
+        s.beta_fast,
+    ) == ("yarn", 4.0, 64, 256, 16.0)
     assert RopeScaling.for_target_length("pi", 64, 32).factor == 1.0
     assert RopeScaling.for_target_length("none", 64, 256).max_position_embeddings == 256
     assert RopeScaling("PI", 2.0).method == "linear"
 
 
 def test_registry_accepts_new_methods():
-    def half_theta(s, b):  # a toy method: divide every frequency by the factor via rope_type linear
+    def toy_linear(s, b):  # a toy method: PI under another name
         return {"rope_type": "linear", "rope_theta": b.rope_theta, "factor": s.factor}
 
-    method = ScalingMethod("toy", half_theta, None, "test", aliases=("toy-alias",))
+    method = ScalingMethod("toy", toy_linear, None, "test", aliases=("toy-alias",))
     register_scaling_method(method)
     try:
         with pytest.raises(ValueError, match="rope.method='toy' is already registered"):
             register_scaling_method(method)
         config = apply_rope_scaling(tiny_config(), RopeScaling("toy-alias", 2.0))
-        torch.testing.assert_close(model_inverse_frequencies(config)[0].double(), ref.linear_inv_freq(DIM, THETA, 2.0), rtol=2e-6, atol=0)
+        torch.testing.assert_close(
+            model_inverse_frequencies(config)[0].double(),
+            ref.linear_inv_freq(DIM, THETA, 2.0),
+            rtol=2e-6,
+            atol=0,
+        )
     finally:
         SCALING_METHODS.pop("toy")
         SCALING_METHODS.pop("toy-alias")
@@ -439,13 +503,28 @@ def test_registry_accepts_new_methods():
         ({"method": "none", "factor": 2.0}, r"rope.factor=2.0 must be 1 for rope.method='none'"),
         ({"method": "longrope", "factor": 2.0, "long_factor": LONG_F}, r"rope.short_factor=None.*requires"),
         ({"method": "longrope", "factor": 2.0, "short_factor": SHORT_F}, r"rope.long_factor=None.*requires"),
-        ({"method": "longrope", "short_factor": SHORT_F, "long_factor": [1.0, -2.0]}, r"rope.long_factor contains -2.0"),
-        ({"method": "yarn", "short_factor": SHORT_F}, r"rope.short_factor is only used by rope.method='longrope'"),
-        ({"method": "linear", "factor": 2.0, "attention_factor": 1.2}, r"rope.attention_factor=1.2 is not used"),
+        (
+            {"method": "longrope", "short_factor": SHORT_F, "long_factor": [1.0, -2.0]},
+            r"rope.long_factor contains -2.0",
+        ),
+        (
+            {"method": "yarn", "short_factor": SHORT_F},
+            r"rope.short_factor is only used by rope.method='longrope'",
+        ),
+        (
+            {"method": "linear", "factor": 2.0, "attention_factor": 1.2},
+            r"rope.attention_factor=1.2 is not used",
+        ),
         ({"method": "yarn", "factor": 2.0, "attention_factor": 0.0}, r"rope.attention_factor=0.0"),
-        ({"method": "yarn", "beta_fast": 1.0, "beta_slow": 2.0}, r"rope.beta_fast=1.0 must be > rope.beta_slow=2.0"),
+        (
+            {"method": "yarn", "beta_fast": 1.0, "beta_slow": 2.0},
+            r"rope.beta_fast=1.0 must be > rope.beta_slow=2.0",
+        ),
         ({"method": "llama3", "low_freq_factor": 4.0, "high_freq_factor": 1.0}, r"rope.high_freq_factor=1.0"),
-        ({"method": "yarn", "original_max_position_embeddings": 0}, r"rope.original_max_position_embeddings=0"),
+        (
+            {"method": "yarn", "original_max_position_embeddings": 0},
+            r"rope.original_max_position_embeddings=0",
+        ),
         ({"method": "yarn", "max_position_embeddings": 2.5}, r"rope.max_position_embeddings=2.5"),
         (
             {"method": "yarn", "original_max_position_embeddings": 64, "max_position_embeddings": 32},
@@ -459,10 +538,14 @@ def test_invalid_scaling(kwargs, match):
 
 
 def test_invalid_against_model():
-    with pytest.raises(ValueError, match=r"rope.max_position_embeddings=32 must be >= the original context 64"):
+    with pytest.raises(
+        ValueError, match=r"rope.max_position_embeddings=32 must be >= the original context 64"
+    ):
         apply_rope_scaling(tiny_config(), RopeScaling("linear", 2.0, max_position_embeddings=32))
     with pytest.raises(ValueError, match=r"rope.short_factor has 3 entries.*8 RoPE pairs"):
-        apply_rope_scaling(tiny_config(), RopeScaling("longrope", 2.0, short_factor=[1.0] * 3, long_factor=LONG_F))
+        apply_rope_scaling(
+            tiny_config(), RopeScaling("longrope", 2.0, short_factor=[1.0] * 3, long_factor=LONG_F)
+        )
     with pytest.raises(TypeError, match="RopeScaling"):
         rope_parameters_for(tiny_config(), {"method": "yarn"})
     gpt2 = GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32, n_positions=32)
@@ -500,9 +583,9 @@ def test_critical_pair_brute_force():
     for head_dim in (2, 4, 8, 16, 64, 128):
         for theta in (10.0, 500.0, 1e4, 1e5, 5e5, 1e6):
             for ctx in (1, 5, 6, 7, 64, 100, 2048, 4096, 8192, 32768, 10**9):
-                assert critical_pair(head_dim, theta, ctx) == brute_force_critical_pair(head_dim, theta, ctx), (
+                assert critical_pair(head_dim, theta, ctx) == brute_force_critical_pair(
                     head_dim, theta, ctx
-                )
+                ), (head_dim, theta, ctx)
     # tiny model: wavelengths 6.3, 19.9, 62.8, 198.7, ... ; exactly at a wavelength "exceeds" is strict
     assert critical_pair(DIM, THETA, ORIG) == 3
     assert critical_pair(DIM, THETA, 2 * math.pi * THETA ** (4 / DIM)) == 3

@@ -62,7 +62,8 @@ def _rebuild(module: nn.Module) -> nn.Module:
 def _reinit_in_place(module: nn.Module) -> None:
     """Give ``module`` the buffers and state of a freshly built instance; keep its device (buffers float32),
     its identity and its hooks, and drop caches the fresh instance does not have (e.g. ``long_inv_freq``)."""
-    device = module.inv_freq.device
+    inv_freq: torch.Tensor = module.inv_freq  # type: ignore[assignment]
+    device = inv_freq.device
     if device.type == "meta":
         device = torch.device("cpu")
     fresh = _rebuild(module)
@@ -124,11 +125,15 @@ def _config_frequencies(config: Any, seq_len: int | None) -> tuple[torch.Tensor,
         inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))  # [dim/2]
         return inv_freq, 1.0
     if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"rope_parameters['rope_type']={rope_type!r} is not in Transformers' ROPE_INIT_FUNCTIONS")
+        raise ValueError(
+            f"rope_parameters['rope_type']={rope_type!r} is not in Transformers' ROPE_INIT_FUNCTIONS"
+        )
     length: Any = seq_len
     if rope_type == "dynamic":
         # the model recomputes only when the sequence outgrows max_position_embeddings, with a tensor length
-        length = torch.tensor(seq_len) if seq_len is not None and seq_len > cfg.max_position_embeddings else None
+        length = (
+            torch.tensor(seq_len) if seq_len is not None and seq_len > cfg.max_position_embeddings else None
+        )
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS[rope_type](cfg, None, seq_len=length)
     return inv_freq, float(attention_factor)
 
@@ -152,7 +157,8 @@ def model_inverse_frequencies(model_or_config: Any, seq_len: int | None = None) 
         raise _no_rope_error(model_or_config)
     module = modules[0][1]
     probe = copy.deepcopy(module, memo={id(module.config): module.config})
-    device = probe.inv_freq.device
+    probe_inv_freq: torch.Tensor = probe.inv_freq  # type: ignore[assignment]
+    device = probe_inv_freq.device
     x = torch.zeros(1, dtype=torch.float32, device=device)
     position_ids = torch.tensor([[(1 if seq_len is None else seq_len) - 1]], device=device)  # [1, 1]
     with torch.no_grad():
@@ -161,5 +167,6 @@ def model_inverse_frequencies(model_or_config: Any, seq_len: int | None = None) 
         except Exception:
             if seq_len is not None:
                 raise
-    inv_freq = probe.inv_freq.detach().to(device="cpu", dtype=torch.float32).clone()
-    return inv_freq, float(probe.attention_scaling)
+    inv_freq: torch.Tensor = probe.inv_freq  # type: ignore[assignment]  # forward may have replaced it
+    attention_factor = float(probe.attention_scaling)  # type: ignore[arg-type]
+    return inv_freq.detach().to(device="cpu", dtype=torch.float32).clone(), attention_factor

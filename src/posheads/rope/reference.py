@@ -62,7 +62,11 @@ def dynamic_ntk_inv_freq(
     """Dynamic NTK scaling (emozilla 2023; YaRN paper Sec. 3.3), in the form Transformers implements:
     for a sequence of length ``L > L0`` the base becomes ``b * (s*L/L0 - (s-1))^(dim/(dim-2))``; for
     ``L <= L0`` (or no length) RoPE is unchanged."""
-    length = original_max_position_embeddings if seq_len is None else max(seq_len, original_max_position_embeddings)
+    length = (
+        original_max_position_embeddings
+        if seq_len is None
+        else max(seq_len, original_max_position_embeddings)
+    )
     alpha = factor * length / original_max_position_embeddings - (factor - 1.0)
     return rope_inv_freq(dim, rope_theta * alpha ** (dim / (dim - 2)))
 
@@ -81,7 +85,11 @@ def yarn_correction_range(
     range is ``[floor(at beta_fast), ceil(at beta_slow)]`` clipped to ``[0, dim-1]``."""
 
     def pair_at(rotations: float) -> float:
-        return dim * math.log(original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(rope_theta))
+        return (
+            dim
+            * math.log(original_max_position_embeddings / (rotations * 2 * math.pi))
+            / (2 * math.log(rope_theta))
+        )
 
     low = math.floor(pair_at(beta_fast))
     high = math.ceil(pair_at(beta_slow))
@@ -102,10 +110,9 @@ def yarn_inv_freq(
     within ``L0``), ``ramp = 1`` interpolates ``theta_j / s`` (low frequencies)."""
     theta = rope_inv_freq(dim, rope_theta)  # [dim/2]
     low, high = yarn_correction_range(dim, rope_theta, original_max_position_embeddings, beta_fast, beta_slow)
-    if low == high:
-        high = high + 0.001
+    width = high - low if high != low else 0.001  # as in the released code: no zero-width ramp
     j = torch.arange(dim // 2, dtype=torch.float64)
-    ramp = ((j - low) / (high - low)).clamp(0.0, 1.0)  # [dim/2]
+    ramp = ((j - low) / width).clamp(0.0, 1.0)  # [dim/2]
     return ramp * theta / factor + (1.0 - ramp) * theta
 
 
@@ -149,7 +156,9 @@ def llama3_inv_freq(
         elif lam > original_max_position_embeddings / low_freq_factor:
             out[i] = t / factor
         else:
-            w = (original_max_position_embeddings / lam - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            w = (original_max_position_embeddings / lam - low_freq_factor) / (
+                high_freq_factor - low_freq_factor
+            )
             out[i] = (1 - w) * t / factor + w * t
     return out
 

@@ -103,7 +103,11 @@ def rope_config(config: Any) -> Any:
             text_config = get_text_config(decoder=True)
         except (TypeError, ValueError):
             text_config = None
-        if text_config is not None and text_config is not config and getattr(text_config, "rope_parameters", None):
+        if (
+            text_config is not None
+            and text_config is not config
+            and getattr(text_config, "rope_parameters", None)
+        ):
             return _check_flat(text_config)
     raise ValueError(
         f"model_type={_model_type(config)!r} ({type(config).__name__}) has no rotary position embedding "
@@ -122,7 +126,7 @@ def _check_flat(config: Any) -> Any:
     return config
 
 
-def _provenance(config: Any) -> dict[str, Any] | None:
+def _provenance(config: Any) -> Mapping[str, Any] | None:
     value = getattr(config, PROVENANCE_ATTRIBUTE, None)
     return value if isinstance(value, Mapping) else None
 
@@ -242,7 +246,9 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str):
-            raise ValueError(f"rope.method={self.method!r} must be a string, one of {sorted(SCALING_METHODS)}")
+            raise ValueError(
+                f"rope.method={self.method!r} must be a string, one of {sorted(SCALING_METHODS)}"
+            )
         key = self.method.strip().lower()
         if key not in SCALING_METHODS:
             raise ValueError(f"rope.method={self.method!r} is not one of {sorted(SCALING_METHODS)}")
@@ -251,7 +257,9 @@ class RopeScaling:
 
         self.factor = self._positive_float("factor", self.factor)
         if self.factor < 1.0:
-            raise ValueError(f"rope.factor={self.factor!r} must be >= 1 (a scaling method extends the context)")
+            raise ValueError(
+                f"rope.factor={self.factor!r} must be >= 1 (a scaling method extends the context)"
+            )
         if not spec.uses_factor and self.factor != 1.0:
             raise ValueError(f"rope.factor={self.factor!r} must be 1 for rope.method={self.method!r}")
 
@@ -293,10 +301,14 @@ class RopeScaling:
             value = getattr(self, name)
             if spec.uses_factor_lists:
                 if value is None:
-                    raise ValueError(f"rope.{name}=None: rope.method={self.method!r} requires a list of rotary_dim/2 floats")
+                    raise ValueError(
+                        f"rope.{name}=None: rope.method={self.method!r} requires a list of rotary_dim/2 floats"
+                    )
                 setattr(self, name, self._factor_list(name, value))
             elif value is not None:
-                raise ValueError(f"rope.{name} is only used by rope.method='longrope', got it for {self.method!r}")
+                raise ValueError(
+                    f"rope.{name} is only used by rope.method='longrope', got it for {self.method!r}"
+                )
 
     @staticmethod
     def _positive_float(name: str, value: Any) -> float:
@@ -330,7 +342,7 @@ class RopeScaling:
         if not isinstance(target, int) or isinstance(target, bool) or target < 1:
             raise ValueError(f"target={target!r} must be a positive int")
         factor = max(target / original, 1.0)
-        if method.strip().lower() == "none":
+        if isinstance(method, str) and method.strip().lower() == "none":
             factor = 1.0
         return cls(
             method=method,
@@ -397,7 +409,9 @@ def register_scaling_method(method: ScalingMethod, *, overwrite: bool = False) -
         if not isinstance(name, str) or not name or name != name.strip().lower():
             raise ValueError(f"rope.method={name!r}: registered names must be non-empty lower-case strings")
         if name in SCALING_METHODS and not overwrite:
-            raise ValueError(f"rope.method={name!r} is already registered (pass overwrite=True to replace it)")
+            raise ValueError(
+                f"rope.method={name!r} is already registered (pass overwrite=True to replace it)"
+            )
     for name in names:
         SCALING_METHODS[name] = method
     return method
@@ -451,7 +465,7 @@ def _yarn_params(s: RopeScaling, b: RopeBase) -> dict[str, Any]:
         "factor": s.factor,
         "original_max_position_embeddings": b.original_max_position_embeddings,
         "beta_fast": s.beta_fast,
-        "beta_slow": s.beta_slow, "attention_factor": 1.0,
+        "beta_slow": s.beta_slow,
     }
     if s.attention_factor is not None:
         params["attention_factor"] = s.attention_factor
@@ -626,7 +640,11 @@ def apply_rope_scaling(config: Any, scaling: RopeScaling) -> Any:
     cfg = rope_config(config)
     base = rope_base(cfg, scaling)
     params = rope_parameters_for(cfg, scaling)
-    max_len = base.original_max_position_embeddings if scaling.spec.keeps_original_max_length else base.max_position_embeddings
+    max_len = (
+        base.original_max_position_embeddings
+        if scaling.spec.keeps_original_max_length
+        else base.max_position_embeddings
+    )
 
     cfg.rope_parameters = params
     cfg.max_position_embeddings = int(max_len)
@@ -652,7 +670,13 @@ def apply_rope_scaling(config: Any, scaling: RopeScaling) -> Any:
     return config
 
 
-_ROPE_TYPE_TO_METHOD = {"linear": "linear", "dynamic": "dynamic", "yarn": "yarn", "llama3": "llama3", "longrope": "longrope"}
+_ROPE_TYPE_TO_METHOD = {
+    "linear": "linear",
+    "dynamic": "dynamic",
+    "yarn": "yarn",
+    "llama3": "llama3",
+    "longrope": "longrope",
+}
 
 
 def scaling_of(config: Any) -> RopeScaling:
@@ -676,7 +700,15 @@ def scaling_of(config: Any) -> RopeScaling:
     if rope_type in ("yarn", "llama3", "longrope"):
         kwargs["original_max_position_embeddings"] = int(original)
         kwargs["max_position_embeddings"] = int(cfg.max_position_embeddings)
-    for key in ("attention_factor", "beta_fast", "beta_slow", "low_freq_factor", "high_freq_factor", "short_factor", "long_factor"):
+    for key in (
+        "attention_factor",
+        "beta_fast",
+        "beta_slow",
+        "low_freq_factor",
+        "high_freq_factor",
+        "short_factor",
+        "long_factor",
+    ):
         if rp.get(key) is not None:
             kwargs[key] = rp[key]
     return RopeScaling(**kwargs)

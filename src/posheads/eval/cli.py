@@ -1,0 +1,493 @@
+"""``python evaluate.py --config FILE``: identify Positional Heads, ablate them and matched controls, and
+measure long-input perplexity, passkey and needle accuracy across lengths.
+
+Order of work (everything that can fail on bad input fails before the weights are loaded):
+
+1. parse and validate the configuration (:class:`posheads.eval.config.EvalConfig`);
+2. read the model's *config* (not its weights) and the tokenizer; check head indices, ``i_c`` and lengths
+   against the model (``length_policy``); tokenise the corpus and check that every length has documents
+   long enough; read a previous head table if one is given;
+3. load the model, run the ``heads`` task (identification: table + plots in the run directory), build the
+   ablation conditions, then ``perplexity``, ``passkey`` and ``needle``; every finished row is appended
+   to ``results.json`` at once (atomic rewrite);
+4. plots, a printed summary table, and the same to W&B when ``output.wandb`` is set.
+
+Dotted overrides work on the command line (``--perplexity.lengths '[512,1024]' --sweep.max_rows 1``);
+``--print_config`` prints the resolved configuration.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import os
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from posheads.data import TokenizedDocument, load_token_documents
+from posheads.eval.conditions import NONE, Condition, ConditionRunner, no_ablation
+from posheads.eval.config import EvalConfig
+from posheads.eval.perplexity import evaluate_perplexity
+from posheads.eval.plots import plot_results, summary_tables
+from posheads.eval.results import ResultsFile, package_versions
+from posheads.eval.sweep import ModelShape, build_conditions, read_head_table, resolve_critical_pair, validate_heads
+from posheads.models import TINY, ModelConfig
+
+log = logging.getLogger("posheads.eval")
+
+__all__ = ["Prepared", "build_parser", "main", "parse_config", "prepare", "run", "validate_against_model"]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> Any:
+    """The jsonargparse parser of ``evaluate.py`` (``--config FILE``, dotted overrides, ``--help``)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(
+        prog="evaluate.py",
+        description=(EvalConfig.__doc__ or "").split("\n\n")[0],
+        env_prefix="POSHEADS_EVAL",
+        default_env=False,
+    )
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML configuration file (configs/eval/*.yaml)")
+    parser.add_class_arguments(EvalConfig, fail_untyped=True, sub_configs=True)
+    return parser
+
+
+def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
+    """Parse ``argv`` (default ``sys.argv[1:]``) into a validated :class:`EvalConfig`."""
+    parser = build_parser()
+    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    init = parser.instantiate(ns)
+    values = {f.name: getattr(init, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(init, f.name)}
+    return EvalConfig(**values)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Validation against the model (no weights)
+# --------------------------------------------------------------------------------------------------------
+
+
+def peek_model_config(cfg: ModelConfig) -> Any:
+    """The Transformers config of ``cfg``'s model without loading its weights."""
+    if cfg.name_or_path == TINY:
+        from posheads.models import tiny_llama
+
+        return tiny_llama(cfg.tiny).config  # the tiny model is built in milliseconds
+    from transformers import AutoConfig
+
+    from posheads.models.loading import _resolve  # the loader's own path resolution (hub id / dir / gguf)
+
+    where, gguf, _local = _resolve(cfg.name_or_path, cfg.gguf_file)
+    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    return AutoConfig.from_pretrained(where, **kwargs)
+
+
+def supported_length(config: Any, rope: Any) -> int | None:
+    """The longest input the model (with ``rope`` applied) is configured for: the scaling's target length,
+    else ``max_position_embeddings``."""
+    if rope is not None:
+        from posheads.rope import PROVENANCE_ATTRIBUTE, apply_rope_scaling
+
+        scaled = apply_rope_scaling(copy.deepcopy(config), rope)
+        prov = getattr(getattr(scaled, "get_text_config", lambda: scaled)(), PROVENANCE_ATTRIBUTE, None)
+        if prov:
+            return int(prov["target_max_position_embeddings"])
+        config = scaled
+    text = getattr(config, "get_text_config", lambda: config)()
+    value = getattr(text, "max_position_embeddings", None)
+    return None if value is None else int(value)
+
+
+def validate_against_model(cfg: EvalConfig, config: Any) -> tuple[ModelShape, list[str]]:
+    """Check head indices, ``i_c`` and lengths against the model's config. Returns the model shape and the
+    length warnings (raises for ``length_policy='error'``)."""
+    shape = ModelShape.from_config(config)
+    if "heads" in cfg.sweep.conditions:
+        validate_heads(cfg.sweep.user_heads, shape)
+    if {"dims_high", "dims_low"}.intersection(cfg.sweep.conditions):
+        resolve_critical_pair(cfg.sweep.critical_pair, shape)
+    limit = supported_length(config, cfg.rope)
+    notes: list[str] = []
+    if limit is not None:
+        for task, lengths in _task_lengths(cfg).items():
+            over = [L for L in lengths if L > limit]
+            if over:
+                scaling = "" if cfg.rope is None else f" with rope.method={cfg.rope.method!r} factor={cfg.rope.factor}"
+                msg = (
+                    f"{task} lengths {over} exceed the {limit} tokens the model supports{scaling} "
+                    f"(max_position_embeddings / scaling target)"
+                )
+                if cfg.length_policy == "error":
+                    raise ValueError(msg + "; length_policy='error' refuses (set 'warn' or 'allow' to evaluate anyway)")
+                notes.append(msg)
+    return dataclasses.replace(shape, max_length=limit), notes
+
+
+def _task_lengths(cfg: EvalConfig) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    if "heads" in cfg.tasks:
+        out["heads.length"] = [cfg.heads.length]
+    for task in ("perplexity", "passkey", "needle"):
+        if task in cfg.tasks:
+            out[f"{task}.lengths"] = list(getattr(cfg, task).lengths)
+    return out
+
+
+@dataclass
+class Prepared:
+    """Everything checked and read before the weights are loaded."""
+
+    cfg: EvalConfig
+    model_config: Any
+    shape: ModelShape
+    tokenizer: Any
+    documents: list[TokenizedDocument]
+    haystack: torch.Tensor | None = None
+    head_table: list[dict[str, Any]] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+def _check_documents(cfg: EvalConfig, docs: Sequence[TokenizedDocument]) -> None:
+    longest = max((d.n_tokens for d in docs), default=0)
+    where = f"corpus.kind={cfg.corpus.kind!r}"
+    if "perplexity" in cfg.tasks:
+        short = [L for L in cfg.perplexity.lengths if L > longest]
+        if short:
+            raise ValueError(
+                f"perplexity.lengths {short}: no document of {where} has that many tokens (the longest of "
+                f"{len(docs)} has {longest}); use shorter lengths or a corpus of longer documents"
+            )
+    if "heads" in cfg.tasks and cfg.heads.length > longest:
+        raise ValueError(
+            f"heads.length={cfg.heads.length}: no document of {where} has that many tokens (the longest of "
+            f"{len(docs)} has {longest})"
+        )
+
+
+def _check_retrieval(cfg: EvalConfig, tokenizer: Any, haystack: torch.Tensor | None) -> None:
+    from posheads.data.retrieval import prompt_overhead
+
+    for task in ("passkey", "needle"):
+        if task not in cfg.tasks:
+            continue
+        s = getattr(cfg, task)
+        need = prompt_overhead(tokenizer, task, s.num_digits)
+        short = [L for L in s.lengths if L <= need]
+        if short:
+            raise ValueError(f"{task}.lengths {short} are too short: the prompt without filler takes {need} tokens")
+    if "needle" in cfg.tasks and haystack is not None:
+        need = max(cfg.needle.lengths)
+        if haystack.numel() < need:
+            raise ValueError(
+                f"needle.lengths: the haystack pool has {haystack.numel()} tokens, fewer than the longest "
+                f"length {need}; use a larger needle.haystack corpus or shorter lengths"
+            )
+
+
+def prepare(cfg: EvalConfig) -> Prepared:
+    """Step 2 of the run: every check that needs no weights."""
+    from posheads.models import load_tokenizer
+
+    config = peek_model_config(cfg.model)
+    shape, notes = validate_against_model(cfg, config)
+    for note in notes:
+        if cfg.length_policy == "warn":
+            warnings.warn(note, stacklevel=2)
+            log.warning(note)
+    table = None
+    if cfg.sweep.needs_positional and "heads" not in cfg.tasks and cfg.heads.from_results:
+        table = read_head_table(cfg.heads.from_results)
+        validate_heads([(r["layer"], r["head"]) for r in table], shape, option="heads.from_results")
+    tokenizer = load_tokenizer(cfg.model)
+    docs: list[TokenizedDocument] = []
+    if {"heads", "perplexity"}.intersection(cfg.tasks) or ("needle" in cfg.tasks and cfg.needle.haystack is None):
+        docs = load_token_documents(cfg.corpus, tokenizer, cache_dir=cfg.token_cache, progress=cfg.progress)
+        _check_documents(cfg, docs)
+    haystack = None
+    if "needle" in cfg.tasks:
+        from posheads.data.retrieval import haystack_pool
+
+        source = docs
+        if cfg.needle.haystack is not None:
+            source = load_token_documents(cfg.needle.haystack, tokenizer, cache_dir=cfg.token_cache, progress=cfg.progress)
+        if cfg.needle.haystack_documents is not None:
+            source = source[: cfg.needle.haystack_documents]
+        haystack = haystack_pool(source, tokenizer)
+    _check_retrieval(cfg, tokenizer, haystack)
+    return Prepared(cfg, config, shape, tokenizer, docs, haystack, table, notes)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _protocol(cfg: EvalConfig, prep: Prepared, model: Any, conditions: Sequence[Condition], i_c: int | None) -> dict[str, Any]:
+    from posheads.rope import scaling_of
+
+    try:
+        scaling = scaling_of(model.config).to_dict()
+    except (ValueError, AttributeError):
+        scaling = None
+    corpus = dataclasses.asdict(cfg.corpus)
+    corpus["documents"] = len(prep.documents)
+    corpus["tokens"] = sum(d.n_tokens for d in prep.documents)
+    return {
+        "model": cfg.model.describe(),
+        "name_or_path": cfg.model.name_or_path,
+        "dtype": cfg.model.dtype,
+        "attn_implementation": cfg.model.attn_implementation,
+        "scaling": scaling,
+        "rope": None if cfg.rope is None else cfg.rope.to_dict(),
+        "supported_length": prep.shape.max_length,
+        "length_warnings": prep.warnings,
+        "corpus": corpus,
+        "tasks": cfg.tasks,
+        "lengths": {t: getattr(cfg, t).lengths for t in ("perplexity", "passkey", "needle") if t in cfg.tasks},
+        "stride": cfg.perplexity.stride,
+        "score_last": cfg.perplexity.score_last,
+        "perplexity": dataclasses.asdict(cfg.perplexity),
+        "passkey": dataclasses.asdict(cfg.passkey) if "passkey" in cfg.tasks else None,
+        "needle": dataclasses.asdict(cfg.needle) if "needle" in cfg.tasks else None,
+        "identification": dataclasses.asdict(cfg.heads),
+        "seeds": {
+            "random_heads": list(cfg.sweep.random_seeds),
+            "passkey": cfg.passkey.seed,
+            "needle": cfg.needle.seed,
+        },
+        "conditions": [c.name for c in conditions],
+        "ablation": cfg.sweep.ablation,
+        "critical_pair": i_c,
+        "model_shape": dataclasses.asdict(prep.shape),
+        "device": str(_device(cfg.device)),
+        "threads": torch.get_num_threads(),
+        "versions": package_versions(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _probe_sequences(cfg: EvalConfig, docs: Sequence[TokenizedDocument]) -> torch.Tensor:
+    """``[N, heads.length]`` identification probes: the first ``heads.length`` tokens of the first
+    ``heads.num_sequences`` documents that are long enough."""
+    long_enough = [d for d in docs if d.n_tokens >= cfg.heads.length][: cfg.heads.num_sequences]
+    if len(long_enough) < cfg.heads.num_sequences:
+        log.warning(
+            "heads.num_sequences=%d but only %d documents have %d tokens; using those",
+            cfg.heads.num_sequences,
+            len(long_enough),
+            cfg.heads.length,
+        )
+    return torch.stack([d.ids[: cfg.heads.length] for d in long_enough])  # [N, L]
+
+
+def _retrieval_prompts(cfg: EvalConfig, task: str, tokenizer: Any, haystack: torch.Tensor | None) -> list[Any]:
+    from posheads.data.retrieval import derive_seed, needle_prompt, passkey_prompt
+
+    s = getattr(cfg, task)
+    prompts = []
+    for length in s.lengths:
+        for depth in s.depths:
+            for trial in range(s.trials):
+                seed = derive_seed(task, s.seed, length, depth, trial)
+                if task == "passkey":
+                    prompts.append(passkey_prompt(tokenizer, length, depth, seed, num_digits=s.num_digits))
+                else:
+                    assert haystack is not None
+                    prompts.append(needle_prompt(tokenizer, haystack, length, depth, seed, num_digits=s.num_digits))
+    return prompts
+
+
+def run(cfg: EvalConfig, prepared: Prepared | None = None) -> dict[str, Any]:
+    """Run the evaluation described by ``cfg``; returns the final ``results.json`` content."""
+    from posheads.eval import identify as ident
+    from posheads.models import load_model
+
+    t0 = time.time()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    prep = prepared or prepare(cfg)
+    device = _device(cfg.device)
+    model = load_model(cfg.model, cfg.rope).to(device)
+    model.eval()
+    log.info("model loaded in %.1fs", time.time() - t0)
+
+    out_dir = Path(cfg.output.dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = ResultsFile(out_dir, {"model": cfg.model.describe(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, resume=cfg.output.resume)
+
+    i_c = None
+    if {"dims_high", "dims_low"}.intersection(cfg.sweep.conditions):
+        i_c = resolve_critical_pair(cfg.sweep.critical_pair, prep.shape)
+    table = prep.head_table
+    means = None
+    try:
+        if "heads" in cfg.tasks:
+            probes = _probe_sequences(cfg, prep.documents).to(device)
+            found = ident.identify(model, probes, cfg.heads, out_dir, progress=cfg.progress, need_means=cfg.sweep.ablation == "mean")
+            table, means = found.table, found.means
+            results.set("heads", table)
+        conditions = [NONE]
+        if cfg.evaluates:
+            conditions = build_conditions(
+                cfg.sweep.conditions,
+                table=table,
+                shape=prep.shape,
+                random_seeds=cfg.sweep.random_seeds,
+                user_heads=cfg.sweep.user_heads,
+            )
+        results.set("conditions", [c.describe() for c in conditions])
+        protocol = _protocol(cfg, prep, model, conditions, i_c)
+        protocol["config"] = _config_dict(cfg)
+        results.set("protocol", protocol)
+        _print_plan(cfg, conditions)
+
+        needs_ablation = any(not c.is_noop for c in conditions)
+        apply = ident.ablation_apply(cfg.sweep.ablation, i_c, means) if needs_ablation else no_ablation
+        runner = ConditionRunner(model, conditions, apply, cfg.sweep.max_rows, cfg.sweep.max_batch_tokens)
+
+        if "perplexity" in cfg.tasks:
+            p = cfg.perplexity
+            for length in tqdm(p.lengths, desc="perplexity lengths", disable=not cfg.progress):
+                todo = [c for c in conditions if not results.has("perplexity", condition=c.name, length=length)]
+                if not todo:
+                    continue
+                evaluate_perplexity(
+                    model,
+                    prep.documents,
+                    length,
+                    stride=p.stride,
+                    score_last=p.score_last,
+                    max_windows_per_doc=p.max_windows_per_doc,
+                    max_windows=p.max_windows,
+                    max_documents=p.max_documents,
+                    runner=runner,
+                    conditions=todo,
+                    on_row=lambda row: results.append("perplexity", row.to_dict()),
+                    progress=cfg.progress,
+                )
+        for task in ("passkey", "needle"):
+            if task in cfg.tasks:
+                _run_retrieval(cfg, task, model, prep, runner, conditions, results)
+        results.set("status", "complete")
+    except BaseException as err:
+        results.set("status", f"failed: {type(err).__name__}: {err}")
+        raise
+    finally:
+        elapsed = time.time() - t0
+        protocol = dict(results.data["protocol"])
+        protocol["elapsed_s"] = round(elapsed, 1)
+        results.set("protocol", protocol)
+    data = results.data
+    plots = plot_results(data, out_dir) if cfg.output.plots else []
+    print(summary_tables(data))
+    print(f"\nresults: {results.path}  plots: {[p.name for p in plots]}  elapsed: {elapsed:.0f}s")
+    if cfg.output.wandb is not None:
+        _log_wandb(cfg, data, plots, out_dir)
+    return data
+
+
+def _run_retrieval(
+    cfg: EvalConfig,
+    task: str,
+    model: Any,
+    prep: Prepared,
+    runner: ConditionRunner,
+    conditions: Sequence[Condition],
+    results: ResultsFile,
+) -> None:
+    from posheads.eval.retrieval import evaluate_retrieval
+
+    s = getattr(cfg, task)
+    prompts = _retrieval_prompts(cfg, task, prep.tokenizer, prep.haystack)
+    for length in tqdm(s.lengths, desc=f"{task} lengths", disable=not cfg.progress):
+        for depth in s.depths:
+            todo = [c for c in conditions if not results.has(task, condition=c.name, length=length, depth=depth)]
+            cell = [p for p in prompts if p.length == length and p.depth == depth]
+            if not todo or not cell:
+                continue
+            evaluate_retrieval(
+                model,
+                prep.tokenizer,
+                cell,
+                task=task,
+                max_new_tokens=s.max_new_tokens,
+                runner=runner,
+                conditions=todo,
+                on_row=lambda row: results.append(task, row.to_dict()),
+                on_trial=results.trial,
+                progress=cfg.progress,
+            )
+
+
+def _config_dict(cfg: EvalConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _print_plan(cfg: EvalConfig, conditions: Sequence[Condition]) -> None:
+    cost = cfg.planned_forward_tokens(len(conditions))
+    parts = ", ".join(f"{k}: {v:,.0f}" for k, v in cost.items() if v != float("inf"))
+    heads = ", ".join(f"{c.name}({len(c.heads)})" for c in conditions)
+    print(f"conditions: {heads}\nplanned tokens through the model: {parts}", file=sys.stderr)
+
+
+def _log_wandb(cfg: EvalConfig, data: dict[str, Any], plots: Sequence[Path], out_dir: Path) -> None:
+    settings = cfg.output.wandb
+    assert settings is not None
+    os.environ.setdefault("WANDB_DIR", str(out_dir))
+    os.environ.setdefault("WANDB_CACHE_DIR", str(out_dir / "wandb-cache"))
+    os.environ.setdefault("WANDB_CONFIG_DIR", str(out_dir / "wandb-config"))
+    import wandb
+
+    run = wandb.init(
+        project=settings.project,
+        name=settings.name or out_dir.name,
+        entity=settings.entity,
+        mode=settings.mode,
+        tags=settings.tags,
+        dir=str(out_dir),
+        config=data["protocol"],
+        reinit="finish_previous",
+    )
+    try:
+        for section in ("heads", "perplexity", "passkey", "needle"):
+            rows = data.get(section) or []
+            if rows:
+                columns = list(rows[0])
+                run.log({f"eval/{section}": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+        for r in data.get("perplexity", []):
+            run.summary[f"ppl/{r['condition']}/{r['length']}"] = r["ppl"]
+        for task in ("passkey", "needle"):
+            for r in data.get(task, []):
+                run.summary[f"{task}/{r['condition']}/{r['length']}/{r['depth']:g}"] = r["accuracy"]
+        for p in plots:
+            run.log({f"plots/{p.stem}": wandb.Image(str(p))})
+    finally:
+        run.finish()
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Entry point of ``evaluate.py``."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_config(argv)
+    return run(cfg)
+

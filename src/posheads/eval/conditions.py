@@ -1,0 +1,173 @@
+"""Ablation conditions and running one input under several of them, batched or one at a time.
+
+A :class:`Condition` names what is ablated (nothing, a set of heads, or RoPE pairs inside a set of heads).
+A :class:`ConditionRunner` evaluates a function of the model under a *group* of conditions in one batched
+forward -- batch row ``r`` runs under ``group[r]`` -- by entering the context manager ``apply(model, group)``
+(built in :mod:`posheads.eval.sweep` on the per-row ablation masks of :mod:`posheads.heads`). Groups are
+sized by ``max_rows`` and ``max_batch_tokens``; when a batched forward runs out of memory the group is split
+in halves (down to one condition per forward, i.e. sequential evaluation) and the smaller size is kept.
+
+This module imports neither the heads module nor any model code: evaluation functions
+(:mod:`posheads.eval.perplexity`, :mod:`posheads.eval.retrieval`) depend only on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NONE", "Condition", "ConditionRunner", "is_out_of_memory", "no_ablation"]
+
+#: Kinds of condition: nothing ablated; whole heads ablated; RoPE pairs ablated inside heads.
+CONDITION_KINDS = ("none", "heads", "dims")
+DIM_SIDES = ("high", "low")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One ablation condition.
+
+    Attributes:
+        name: unique label used in results (``"none"``, ``"positional"``, ``"random@1"``, ``"lowest"``,
+            ``"heads"``, ``"dims_high"``, ``"dims_low"``).
+        kind: ``"none"`` | ``"heads"`` (the heads' outputs are ablated) | ``"dims"`` (RoPE pairs are removed
+            from the heads' attention logits).
+        heads: ``(layer, head)`` pairs the condition acts on (empty for ``"none"``).
+        family: the condition family (``"random"`` for every random seed) -- plots draw a band over a family.
+        seed: the sampling seed of a random control.
+        side: for ``"dims"``: ``"high"`` removes pairs ``i >= i_c``, ``"low"`` removes pairs ``i < i_c``.
+    """
+
+    name: str
+    kind: str = "none"
+    heads: tuple[tuple[int, int], ...] = ()
+    family: str = ""
+    seed: int | None = None
+    side: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONDITION_KINDS:
+            raise ValueError(f"condition {self.name!r}: kind={self.kind!r} is not one of {list(CONDITION_KINDS)}")
+        if self.kind == "dims" and self.side not in DIM_SIDES:
+            raise ValueError(f"condition {self.name!r}: side={self.side!r} is not one of {list(DIM_SIDES)}")
+        object.__setattr__(self, "heads", tuple(sorted({(int(a), int(b)) for a, b in self.heads})))
+        if not self.family:
+            object.__setattr__(self, "family", self.name)
+
+    @property
+    def is_noop(self) -> bool:
+        """True when the condition changes nothing (no ablation, or an empty head set)."""
+        return self.kind == "none" or not self.heads
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "family": self.family,
+            "seed": self.seed,
+            "side": self.side,
+            "n_heads": len(self.heads),
+            "heads": [list(h) for h in self.heads],
+        }
+
+
+NONE = Condition("none")
+
+
+def no_ablation(model: Any, group: Sequence[Condition]) -> contextlib.AbstractContextManager[None]:
+    """The ``apply`` of a runner that only evaluates no-op conditions."""
+    active = [c.name for c in group if not c.is_noop]
+    if active:
+        raise ValueError(f"conditions {active} ablate heads but the runner was built without an ablation function")
+    return contextlib.nullcontext()
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """True for CUDA out-of-memory errors and CPU allocation failures."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+ApplyFn = Callable[[Any, Sequence[Condition]], contextlib.AbstractContextManager[Any]]
+
+
+@dataclass
+class ConditionRunner:
+    """Runs functions of a model under groups of conditions (one batch row per condition).
+
+    Attributes:
+        model: the model.
+        conditions: every condition of the sweep, in order (names must be unique).
+        apply: ``apply(model, group)`` -> context manager under which batch row ``r`` runs ``group[r]``.
+        max_rows: most conditions per forward (1 = sequential).
+        max_batch_tokens: most ``rows x sequence length`` per forward (``None``: no limit).
+    """
+
+    model: Any
+    conditions: Sequence[Condition]
+    apply: ApplyFn = no_ablation
+    max_rows: int = 1
+    max_batch_tokens: int | None = None
+    _fallbacks: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.conditions]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"condition names must be unique, {dup} occur more than once")
+        if not names:
+            raise ValueError("a ConditionRunner needs at least one condition")
+        if self.max_rows < 1:
+            raise ValueError(f"max_rows={self.max_rows!r} must be >= 1")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens={self.max_batch_tokens!r} must be >= 1 or None")
+
+    def rows_for(self, length: int) -> int:
+        """Conditions per forward at sequence length ``length``."""
+        rows = self.max_rows
+        if self.max_batch_tokens is not None:
+            rows = min(rows, max(1, self.max_batch_tokens // max(1, length)))
+        return max(1, rows)
+
+    def groups(self, length: int, conditions: Sequence[Condition] | None = None) -> list[list[Condition]]:
+        """``conditions`` (default: all) cut into consecutive groups of :meth:`rows_for` conditions."""
+        conds = list(self.conditions if conditions is None else conditions)
+        size = self.rows_for(length)
+        return [conds[i : i + size] for i in range(0, len(conds), size)]
+
+    def call(self, group: Sequence[Condition], fn: Callable[[int], Any]) -> list[Any]:
+        """``fn(n_rows)`` under ``apply(model, group)``; returns one result per condition of ``group``.
+
+        ``fn`` returns a sequence (or tensor) whose first dimension is ``n_rows``. On out-of-memory the group
+        is split in halves, each run on its own, and ``max_rows`` is lowered for the rest of the sweep.
+        """
+        group = list(group)
+        try:
+            with self.apply(self.model, group):
+                out = fn(len(group))
+        except (RuntimeError, torch.OutOfMemoryError) as err:
+            if not is_out_of_memory(err) or len(group) == 1:
+                raise
+            half = math.ceil(len(group) / 2)
+            self.max_rows = min(self.max_rows, half)
+            self._fallbacks += 1
+            log.warning("out of memory with %d conditions per forward; retrying with %d", len(group), half)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return self.call(group[:half], fn) + self.call(group[half:], fn)
+        if len(out) != len(group):
+            raise ValueError(f"fn returned {len(out)} rows for a group of {len(group)} conditions")
+        return list(out)
+
+    def __iter__(self) -> Iterator[Condition]:
+        return iter(self.conditions)

@@ -1,0 +1,427 @@
+"""Typed configuration of ``evaluate.py`` (validated on construction; errors name the option and value).
+
+Everything here is checked before any model work: :class:`EvalConfig` validates options and their
+combinations; :func:`posheads.eval.cli.validate_against_model` then checks head indices, lengths and the
+corpus against the model's config and tokenizer -- still without loading weights.
+
+Lengths above what the model supports (its ``max_position_embeddings`` after the RoPE scaling, or the
+scaling's target length) are handled by ``length_policy``: ``"warn"`` (default: evaluating beyond the
+trained window is what extrapolation studies do, so a warning is logged and recorded in the protocol),
+``"error"`` (refuse before loading the model) or ``"allow"`` (silently).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from posheads.data import CorpusConfig
+from posheads.eval.sweep import CONDITION_NAMES, NEEDS_POSITIONAL, parse_head
+from posheads.models import ModelConfig
+from posheads.rope import RopeScaling
+
+__all__ = [
+    "LENGTH_POLICIES",
+    "TASKS",
+    "EvalConfig",
+    "IdentifySettings",
+    "NeedleSettings",
+    "OutputSettings",
+    "PasskeySettings",
+    "PerplexitySettings",
+    "SweepSettings",
+    "WandbSettings",
+]
+
+TASKS = ("heads", "perplexity", "passkey", "needle")
+LENGTH_POLICIES = ("warn", "error", "allow")
+ABLATIONS = ("zero", "mean")
+
+
+def _positive_ints(option: str, values: Any, allow_empty: bool = False) -> list[int]:
+    if not isinstance(values, (list, tuple)) or (not values and not allow_empty):
+        raise ValueError(f"{option}={values!r} must be a non-empty list of positive integers")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{option}={list(values)!r}: {v!r} is not a positive integer")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{option}={list(values)!r} has duplicates")
+    return sorted(values)
+
+
+def _optional_positive(option: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{option}={value!r} must be a positive integer or null")
+
+
+def _depths(option: str, values: Any) -> list[float]:
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"{option}={values!r} must be a non-empty list of depths in [0, 1]")
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+            raise ValueError(f"{option}={list(values)!r}: {v!r} is not a depth in [0, 1]")
+        out.append(float(v))
+    if len(set(out)) != len(out):
+        raise ValueError(f"{option}={list(values)!r} has duplicates")
+    return out
+
+
+@dataclass
+class PerplexitySettings:
+    """Long-input perplexity (task ``perplexity``).
+
+    Attributes:
+        lengths: window lengths in tokens; each uses the documents with at least that many tokens.
+        stride: ``null`` = disjoint windows; an int ``s`` = sliding windows with stride ``s`` (each scores
+            only the tokens the previous one did not), as in the YaRN evaluation.
+        score_last: score only the last tokens of each window (the ones that see long context): an int
+            ``n`` (last ``n`` tokens) or a float in (0, 1] (that fraction of the window); ``null`` = all.
+        max_documents: use at most this many (qualifying) documents per length.
+        max_windows_per_doc: at most this many windows per document.
+        max_windows: at most this many windows per length (all documents together).
+    """
+
+    lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    stride: int | None = None
+    score_last: int | float | None = None
+    max_documents: int | None = None
+    max_windows_per_doc: int | None = None
+    max_windows: int | None = None
+
+    def __post_init__(self) -> None:
+        self.lengths = _positive_ints("perplexity.lengths", self.lengths)
+        if self.stride is not None:
+            if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
+                raise ValueError(f"perplexity.stride={self.stride!r} must be a positive integer or null (disjoint)")
+            if self.stride > min(self.lengths):
+                raise ValueError(
+                    f"perplexity.stride={self.stride} exceeds the shortest length {min(self.lengths)} "
+                    "(tokens between windows would never be scored)"
+                )
+        if self.score_last is not None:
+            if isinstance(self.score_last, bool):
+                raise ValueError(f"perplexity.score_last={self.score_last!r} must be an int, a float or null")
+            if isinstance(self.score_last, float):
+                if not 0.0 < self.score_last <= 1.0:
+                    raise ValueError(f"perplexity.score_last={self.score_last!r}: a fraction must be in (0, 1]")
+            elif not isinstance(self.score_last, int) or self.score_last < 1:
+                raise ValueError(f"perplexity.score_last={self.score_last!r} must be an int >= 1 or a float in (0, 1]")
+            elif self.score_last >= min(self.lengths):
+                raise ValueError(
+                    f"perplexity.score_last={self.score_last} must be below the shortest length {min(self.lengths)}"
+                )
+        for opt in ("max_documents", "max_windows_per_doc", "max_windows"):
+            _optional_positive(f"perplexity.{opt}", getattr(self, opt))
+
+
+@dataclass
+class PasskeySettings:
+    """Passkey retrieval (task ``passkey``; Mohtashami & Jaggi 2023): lengths x depths x seeded trials.
+
+    Attributes:
+        lengths: prompt lengths in tokens (exact).
+        depths: where the key sentence goes, as a fraction of the filler (0 = start, 1 = end).
+        trials: prompts (different passkeys) per (length, depth); trial ``t`` is seeded from
+            ``(seed, length, depth, t)``.
+        seed: the base seed.
+        num_digits: digits of the passkey.
+        max_new_tokens: greedy decoding budget (decoding stops early once the number is complete).
+    """
+
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    trials: int = 5
+    seed: int = 0
+    num_digits: int = 5
+    max_new_tokens: int = 10
+
+    def __post_init__(self) -> None:
+        self.lengths = _positive_ints("passkey.lengths", self.lengths)
+        self.depths = _depths("passkey.depths", self.depths)
+        _optional_positive("passkey.trials", self.trials)
+        _optional_positive("passkey.num_digits", self.num_digits)
+        _optional_positive("passkey.max_new_tokens", self.max_new_tokens)
+        if self.trials is None or self.num_digits is None or self.max_new_tokens is None:
+            raise ValueError("passkey.trials, passkey.num_digits and passkey.max_new_tokens must be set")
+
+
+@dataclass
+class NeedleSettings:
+    """Needle in a haystack (task ``needle``): a numeric needle in real corpus text, exact match.
+
+    Attributes:
+        lengths: prompt lengths in tokens (exact).
+        depths: where the needle goes, as a fraction of the haystack.
+        trials: prompts per (length, depth), each with its own haystack span, key and value.
+        seed: the base seed.
+        num_digits: digits of the needle's value.
+        max_new_tokens: greedy decoding budget.
+        haystack: the corpus for the haystack text; ``null`` = the evaluation corpus.
+        haystack_documents: build the haystack pool from at most this many documents (``null`` = all).
+    """
+
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    trials: int = 5
+    seed: int = 0
+    num_digits: int = 7
+    max_new_tokens: int = 12
+    haystack: CorpusConfig | None = None
+    haystack_documents: int | None = None
+
+    def __post_init__(self) -> None:
+        self.lengths = _positive_ints("needle.lengths", self.lengths)
+        self.depths = _depths("needle.depths", self.depths)
+        for opt in ("trials", "num_digits", "max_new_tokens"):
+            _optional_positive(f"needle.{opt}", getattr(self, opt))
+            if getattr(self, opt) is None:
+                raise ValueError(f"needle.{opt} must be set")
+        _optional_positive("needle.haystack_documents", self.haystack_documents)
+        if isinstance(self.haystack, dict):
+            self.haystack = CorpusConfig(**self.haystack)
+
+
+@dataclass
+class IdentifySettings:
+    """Positional-Head identification (task ``heads``) or where to read a previous table from.
+
+    Attributes:
+        length: tokens per probe sequence (windows of corpus documents with at least that many tokens).
+        num_sequences: probe sequences (at most one per document, the first documents that qualify).
+        batch_size: probe sequences per forward.
+        from_results: read the head table of a previous run instead (a ``results.json``, its run directory,
+            a JSON list or a CSV with ``layer, head, score, z, positional``); used when ``heads`` is not in
+            ``tasks``.
+        options: options of :class:`posheads.heads.HeadsConfig` (score statistic, selection rule, sampling,
+            critical pair ...), passed through; ``{}`` = its defaults.
+    """
+
+    length: int = 2048
+    num_sequences: int = 4
+    batch_size: int = 1
+    from_results: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for opt in ("length", "num_sequences", "batch_size"):
+            _optional_positive(f"heads.{opt}", getattr(self, opt))
+            if getattr(self, opt) is None:
+                raise ValueError(f"heads.{opt} must be set")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"heads.options={self.options!r} must be a mapping of HeadsConfig fields")
+
+
+@dataclass
+class SweepSettings:
+    """Ablation conditions evaluated by every task (perplexity, passkey, needle).
+
+    Attributes:
+        conditions: any of ``none``, ``positional``, ``random`` (one condition per seed), ``lowest``,
+            ``heads`` (``user_heads``), ``dims_high`` (pairs ``>= i_c`` removed inside the Positional Heads),
+            ``dims_low`` (pairs ``< i_c`` removed).
+        random_seeds: seeds of the random controls (same number of heads per layer as the Positional set).
+        user_heads: heads of the ``heads`` condition, ``[layer, head]`` or ``"layer.head"``.
+        ablation: ``zero`` (zero the head's input slice of ``o_proj``) or ``mean`` (replace it with the head's
+            mean output over the probe sequences).
+        critical_pair: ``i_c`` for dimension ablation: ``auto`` (first pair whose wavelength exceeds the
+            pre-training context), ``quarter`` (``d/4``) or an integer.
+        max_rows: conditions evaluated together in one batched forward (each row its own ablation mask);
+            1 = sequential. Halved automatically on out-of-memory.
+        max_batch_tokens: cap on ``rows x length`` per forward (``null`` = no cap).
+    """
+
+    conditions: list[str] = field(default_factory=lambda: ["none"])
+    random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    user_heads: list[Any] = field(default_factory=list)
+    ablation: str = "zero"
+    critical_pair: int | str = "auto"
+    max_rows: int = 4
+    max_batch_tokens: int | None = 16384
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.conditions, (list, tuple)) or not self.conditions:
+            raise ValueError(f"sweep.conditions={self.conditions!r} must be a non-empty list")
+        for c in self.conditions:
+            if c not in CONDITION_NAMES:
+                raise ValueError(f"sweep.conditions: unknown condition {c!r}; known: {list(CONDITION_NAMES)}")
+        if len(set(self.conditions)) != len(self.conditions):
+            raise ValueError(f"sweep.conditions={self.conditions!r} has duplicates")
+        if "random" in self.conditions and not self.random_seeds:
+            raise ValueError("sweep.random_seeds=[] is empty but sweep.conditions has 'random'")
+        if len(set(self.random_seeds)) != len(self.random_seeds):
+            raise ValueError(f"sweep.random_seeds={self.random_seeds!r} has duplicates")
+        self.user_heads = [list(parse_head(h)) for h in self.user_heads]
+        if "heads" in self.conditions and not self.user_heads:
+            raise ValueError("sweep.conditions has 'heads' but sweep.user_heads=[] is empty")
+        if self.ablation not in ABLATIONS:
+            raise ValueError(f"sweep.ablation={self.ablation!r} is not one of {list(ABLATIONS)}")
+        if isinstance(self.critical_pair, str) and self.critical_pair not in ("auto", "quarter"):
+            try:
+                self.critical_pair = int(self.critical_pair)
+            except ValueError:
+                raise ValueError(
+                    f"sweep.critical_pair={self.critical_pair!r} is not 'auto', 'quarter' or an integer"
+                ) from None
+        if isinstance(self.critical_pair, int) and self.critical_pair < 0:
+            raise ValueError(f"sweep.critical_pair={self.critical_pair!r} must be >= 0")
+        _optional_positive("sweep.max_rows", self.max_rows)
+        _optional_positive("sweep.max_batch_tokens", self.max_batch_tokens)
+
+    @property
+    def needs_positional(self) -> bool:
+        return bool(NEEDS_POSITIONAL.intersection(self.conditions))
+
+
+@dataclass
+class WandbSettings:
+    """Log the run to Weights & Biases (offline unless ``WANDB_MODE`` / ``mode`` says otherwise).
+
+    Attributes:
+        project: W&B project.
+        name: run name (default: the output directory's name).
+        entity: W&B entity (team or user).
+        mode: ``offline`` | ``online`` | ``disabled``.
+        tags: run tags.
+    """
+
+    project: str = "posheads"
+    name: str | None = None
+    entity: str | None = None
+    mode: str = "offline"
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("offline", "online", "disabled"):
+            raise ValueError(f"output.wandb.mode={self.mode!r} is not one of ['offline', 'online', 'disabled']")
+
+
+@dataclass
+class OutputSettings:
+    """Where results go.
+
+    Attributes:
+        dir: the run directory (``results.json``, ``trials.jsonl``, ``heads.csv``, PNG plots).
+        resume: keep the rows of an existing ``results.json`` there and compute only the missing ones.
+        plots: write PNG plots.
+        wandb: log to W&B as well (``null`` = no logger).
+    """
+
+    dir: str = "runs/eval"
+    resume: bool = False
+    plots: bool = True
+    wandb: WandbSettings | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            raise ValueError("output.dir='' must name a directory")
+        if isinstance(self.wandb, dict):
+            self.wandb = WandbSettings(**self.wandb)
+
+
+@dataclass
+class EvalConfig:
+    """``evaluate.py``: identify Positional Heads, ablate them and matched controls, and measure long-input
+    perplexity and retrieval accuracy across lengths.
+
+    Attributes:
+        model: the model or checkpoint to evaluate.
+        rope: a RoPE scaling applied to the loaded model (``null`` = as the checkpoint says).
+        corpus: documents for perplexity, identification probes and (by default) needle haystacks.
+        tasks: any of ``heads``, ``perplexity``, ``passkey``, ``needle``, run in that order.
+        perplexity: perplexity settings.
+        passkey: passkey settings.
+        needle: needle-in-a-haystack settings.
+        heads: Positional-Head identification settings.
+        sweep: ablation conditions.
+        output: output directory, resume, plots, W&B.
+        length_policy: lengths above what the model supports: ``warn`` | ``error`` | ``allow``.
+        device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:1`` ...
+        threads: torch CPU threads (``null`` = torch's default).
+        token_cache: directory for the tokenised-corpus cache (``null`` = no cache).
+        progress: show tqdm progress bars.
+    """
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    rope: RopeScaling | None = None
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tasks: list[str] = field(default_factory=lambda: ["perplexity"])
+    perplexity: PerplexitySettings = field(default_factory=PerplexitySettings)
+    passkey: PasskeySettings = field(default_factory=PasskeySettings)
+    needle: NeedleSettings = field(default_factory=NeedleSettings)
+    heads: IdentifySettings = field(default_factory=IdentifySettings)
+    sweep: SweepSettings = field(default_factory=SweepSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+    length_policy: str = "warn"
+    device: str = "auto"
+    threads: int | None = None
+    token_cache: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, cls in (
+            ("model", ModelConfig),
+            ("corpus", CorpusConfig),
+            ("perplexity", PerplexitySettings),
+            ("passkey", PasskeySettings),
+            ("needle", NeedleSettings),
+            ("heads", IdentifySettings),
+            ("sweep", SweepSettings),
+            ("output", OutputSettings),
+        ):
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        if isinstance(self.rope, dict):
+            self.rope = RopeScaling(**self.rope)
+        if not isinstance(self.tasks, (list, tuple)) or not self.tasks:
+            raise ValueError(f"tasks={self.tasks!r} must be a non-empty list of {list(TASKS)}")
+        for t in self.tasks:
+            if t not in TASKS:
+                raise ValueError(f"tasks: unknown task {t!r}; known: {list(TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks={self.tasks!r} has duplicates")
+        self.tasks = [t for t in TASKS if t in self.tasks]  # canonical order
+        if self.length_policy not in LENGTH_POLICIES:
+            raise ValueError(f"length_policy={self.length_policy!r} is not one of {list(LENGTH_POLICIES)}")
+        if self.sweep.needs_positional and self.evaluates and "heads" not in self.tasks and not self.heads.from_results:
+            needs = sorted(NEEDS_POSITIONAL.intersection(self.sweep.conditions))
+            raise ValueError(
+                f"sweep.conditions {needs} need the Positional Heads: add 'heads' to tasks or set heads.from_results"
+            )
+        if self.sweep.ablation == "mean" and self.evaluates and "heads" not in self.tasks:
+            raise ValueError("sweep.ablation='mean' needs the head means of the probe set: add 'heads' to tasks")
+        _optional_positive("threads", self.threads)
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda") or self.device == "mps"):
+            raise ValueError(f"device={self.device!r} is not 'auto', 'cpu', 'cuda[:N]' or 'mps'")
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether any evaluation task (not only identification) runs."""
+        return any(t in self.tasks for t in ("perplexity", "passkey", "needle"))
+
+    def max_length(self) -> int:
+        """The longest input any selected task feeds the model."""
+        lengths = [0]
+        if "heads" in self.tasks:
+            lengths.append(self.heads.length)
+        for task in ("perplexity", "passkey", "needle"):
+            if task in self.tasks:
+                lengths.extend(getattr(self, task).lengths)
+        return max(lengths)
+
+    def planned_forward_tokens(self, num_conditions: int) -> dict[str, float]:
+        """Rough cost: tokens through the model per task (retrieval counts each prompt once per condition).
+        Perplexity counts are upper bounds when documents are fewer than the caps allow."""
+        out: dict[str, float] = {}
+        if "heads" in self.tasks:
+            out["heads"] = self.heads.length * self.heads.num_sequences
+        if "perplexity" in self.tasks:
+            p = self.perplexity
+            cap = p.max_windows if p.max_windows is not None else math.inf
+            out["perplexity"] = sum(L * cap for L in p.lengths) * num_conditions
+        for task in ("passkey", "needle"):
+            if task in self.tasks:
+                s = getattr(self, task)
+                out[task] = sum(s.lengths) * len(s.depths) * s.trials * num_conditions
+        return out

@@ -1,0 +1,193 @@
+"""Plots and the printed summary of a ``results.json`` (matplotlib, Agg backend; no display needed).
+
+* ``perplexity.png`` -- perplexity against length, one line per condition family; a family with several
+  members (the random controls, one per seed) is drawn as its mean with a band from the lowest to the
+  highest seed.
+* ``passkey.png`` / ``needle.png`` -- one length x depth accuracy heat-map per condition (the random
+  family also gets a panel with the mean over seeds).
+
+:func:`summary_tables` formats the same numbers as text tables (perplexity: condition x length;
+retrieval: condition x length, accuracy averaged over depths).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["condition_families", "plot_perplexity", "plot_results", "plot_retrieval", "summary_tables"]
+
+
+def _pyplot():
+    import matplotlib
+
+    if os.environ.get("MPLBACKEND") is None:
+        matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def condition_families(results: Mapping[str, Any]) -> dict[str, list[str]]:
+    """``{family: [condition names]}`` in first-seen order (from ``results["conditions"]``; a condition not
+    listed there is its own family)."""
+    families: dict[str, list[str]] = {}
+    listed = {c["name"]: c.get("family", c["name"]) for c in results.get("conditions", [])}
+    names: list[str] = [c["name"] for c in results.get("conditions", [])]
+    for section in ("perplexity", "passkey", "needle"):
+        for row in results.get(section, []):
+            if row["condition"] not in names:
+                names.append(row["condition"])
+    for name in names:
+        families.setdefault(listed.get(name, name), []).append(name)
+    return families
+
+
+def plot_perplexity(results: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
+    """PPL vs length per condition family (band over the members of multi-member families)."""
+    rows = results.get("perplexity", [])
+    if not rows:
+        return None
+    plt = _pyplot()
+    ppl: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in rows:
+        if r.get("ppl") is not None:
+            ppl[r["condition"]][int(r["length"])] = float(r["ppl"])
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for family, members in condition_families(results).items():
+        members = [m for m in members if m in ppl]
+        if not members:
+            continue
+        lengths = sorted(set().union(*(ppl[m] for m in members)))
+        if len(members) == 1:
+            ys = [ppl[members[0]].get(L, math.nan) for L in lengths]
+            ax.plot(lengths, ys, marker="o", label=family)
+            continue
+        per_len = [[ppl[m][L] for m in members if L in ppl[m]] for L in lengths]
+        mean = [sum(v) / len(v) if v else math.nan for v in per_len]
+        lo = [min(v) if v else math.nan for v in per_len]
+        hi = [max(v) if v else math.nan for v in per_len]
+        (line,) = ax.plot(lengths, mean, marker="o", label=f"{family} (mean of {len(members)}, band min-max)")
+        ax.fill_between(lengths, lo, hi, color=line.get_color(), alpha=0.2)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("window length (tokens)")
+    ax.set_ylabel("perplexity")
+    proto = results.get("protocol", {})
+    ax.set_title(f"Perplexity by length -- {proto.get('model', '')}", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def _grid(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> tuple[list[int], list[float], list[list[float]]]:
+    """Mean accuracy over ``names`` per (depth, length): ``(lengths, depths, [depth][length])``."""
+    cells: dict[tuple[float, int], list[float]] = defaultdict(list)
+    for r in rows:
+        if r["condition"] in names:
+            cells[(float(r["depth"]), int(r["length"]))].append(float(r["accuracy"]))
+    lengths = sorted({k[1] for k in cells})
+    depths = sorted({k[0] for k in cells})
+    grid = [[sum(cells[(d, L)]) / len(cells[(d, L)]) if cells.get((d, L)) else math.nan for L in lengths] for d in depths]
+    return lengths, depths, grid
+
+
+def plot_retrieval(results: Mapping[str, Any], task: str, path: str | os.PathLike) -> Path | None:
+    """Length x depth accuracy heat-maps, one panel per condition (plus the mean of multi-member families)."""
+    rows = results.get(task, [])
+    if not rows:
+        return None
+    plt = _pyplot()
+    panels: list[tuple[str, list[str]]] = []
+    present = {r["condition"] for r in rows}
+    for family, members in condition_families(results).items():
+        members = [m for m in members if m in present]
+        panels.extend((m, [m]) for m in members)
+        if len(members) > 1:
+            panels.append((f"{family} (mean of {len(members)})", members))
+    n = len(panels)
+    cols = min(4, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.8 * nrows), squeeze=False)
+    image = None
+    for ax, (title, members) in zip(axes.flat, panels):
+        lengths, depths, grid = _grid(rows, members)
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+        for i, row in enumerate(grid):
+            for j, v in enumerate(row):
+                if not math.isnan(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("length", fontsize=7)
+        ax.set_ylabel("depth", fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="accuracy")
+    fig.suptitle(f"{task} accuracy (length x depth)", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_results(results: Mapping[str, Any], output_dir: str | os.PathLike) -> list[Path]:
+    """Every plot that the results support, written into ``output_dir``; returns the paths written."""
+    out = Path(output_dir)
+    written = [plot_perplexity(results, out / "perplexity.png")]
+    for task in ("passkey", "needle"):
+        written.append(plot_retrieval(results, task, out / f"{task}.png"))
+    return [p for p in written if p is not None]
+
+
+def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
+    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
+
+
+def summary_tables(results: Mapping[str, Any]) -> str:
+    """Text tables: perplexity (condition x length) and retrieval accuracy (condition x length, mean over
+    depths, with the trial count)."""
+    parts: list[str] = []
+    order = [m for members in condition_families(results).values() for m in members]
+    ppl_rows = results.get("perplexity", [])
+    if ppl_rows:
+        lengths = sorted({int(r["length"]) for r in ppl_rows})
+        cell = {(r["condition"], int(r["length"])): r for r in ppl_rows}
+        body = []
+        for name in order:
+            if any((name, L) in cell for L in lengths):
+                body.append([name] + [f"{cell[(name, L)]['ppl']:.3f}" if (name, L) in cell else "-" for L in lengths])
+        tokens = ["tokens"] + [str(next(r["tokens"] for r in ppl_rows if int(r["length"]) == L)) for L in lengths]
+        docs = ["documents"] + [str(next(r["documents"] for r in ppl_rows if int(r["length"]) == L)) for L in lengths]
+        parts.append("Perplexity\n" + _table(["condition"] + [str(L) for L in lengths], body + [tokens, docs]))
+    for task in ("passkey", "needle"):
+        rows = results.get(task, [])
+        if not rows:
+            continue
+        lengths = sorted({int(r["length"]) for r in rows})
+        acc: dict[tuple[str, int], list[Any]] = defaultdict(list)
+        for r in rows:
+            acc[(r["condition"], int(r["length"]))].append(r)
+        body = []
+        for name in order:
+            if not any((name, L) in acc for L in lengths):
+                continue
+            cells = []
+            for L in lengths:
+                rs = acc.get((name, L), [])
+                trials = sum(r["trials"] for r in rs)
+                correct = sum(r.get("correct", r["accuracy"] * r["trials"]) for r in rs)
+                cells.append(f"{correct / trials:.2f} ({trials})" if trials else "-")
+            body.append([name, *cells])
+        parts.append(f"{task} accuracy (mean over depths; trials)\n" + _table(["condition"] + [str(L) for L in lengths], body))
+    return "\n\n".join(parts)

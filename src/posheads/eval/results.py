@@ -1,0 +1,152 @@
+"""One results format for every evaluation run: ``<output_dir>/results.json``.
+
+Keys (all always present):
+
+* ``protocol`` -- how the numbers were made: model, dtype, attention implementation, RoPE scaling, corpus,
+  lengths, stride, seeds, conditions, package versions, start time.
+* ``heads`` -- the per-head table of the identification, ``[{layer, head, score, z, positional, ...}]``
+  (empty when identification did not run in this run).
+* ``conditions`` -- what each ablation condition ablates (``[{name, kind, family, seed, side, n_heads, heads}]``).
+* ``perplexity`` -- ``[{condition, length, nll, ppl, tokens, documents, windows}]``.
+* ``passkey`` / ``needle`` -- ``[{condition, length, depth, accuracy, trials, correct}]``.
+* ``status`` -- ``"running"`` until the run ends, then ``"complete"`` (or ``"failed: <error>"``).
+
+Rows are appended as they finish and the file is rewritten atomically (temporary file + ``os.replace``),
+so an interrupted run leaves a valid file holding every finished row. With ``resume=True`` an existing
+file is read back and :meth:`ResultsFile.has` tells which rows need not be computed again.
+Trial-level retrieval records go to ``trials.jsonl`` next to it (appended line by line).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ROW_KEYS", "SECTIONS", "ResultsFile", "load_results", "package_versions"]
+
+SECTIONS = ("perplexity", "passkey", "needle")
+#: Keys that identify a row of each section (a resumed run skips rows whose key exists).
+ROW_KEYS: dict[str, tuple[str, ...]] = {
+    "perplexity": ("condition", "length"),
+    "passkey": ("condition", "length", "depth"),
+    "needle": ("condition", "length", "depth"),
+}
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of Python and the packages that determine the numbers."""
+    out = {"python": platform.python_version()}
+    for name in ("posheads", "torch", "transformers", "tokenizers", "peft", "numpy"):
+        try:
+            module = __import__(name)
+            out[name] = str(getattr(module, "__version__", "?"))
+        except ImportError:  # pragma: no cover - optional
+            continue
+    return out
+
+
+def _jsonable(x: Any) -> Any:
+    """Plain JSON values: NaN/inf become ``None``; tuples become lists; numpy/torch scalars become numbers."""
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "item") and callable(x.item) and getattr(x, "ndim", 0) == 0:
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return x
+
+
+def _row_key(section: str, row: Mapping[str, Any]) -> tuple[Any, ...]:
+    return tuple(round(row[k], 6) if isinstance(row[k], float) else row[k] for k in ROW_KEYS[section])
+
+
+class ResultsFile:
+    """``results.json`` of one run directory, rewritten atomically after every change."""
+
+    def __init__(self, output_dir: str | os.PathLike, protocol: Mapping[str, Any], resume: bool = False):
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "results.json"
+        self.trials_path = self.dir / "trials.jsonl"
+        self.data: dict[str, Any] = {
+            "protocol": _jsonable(dict(protocol)),
+            "heads": [],
+            "conditions": [],
+            "perplexity": [],
+            "passkey": [],
+            "needle": [],
+            "status": "running",
+        }
+        if resume and self.path.is_file():
+            old = load_results(self.path)
+            for key in ("heads", "conditions", *SECTIONS):
+                self.data[key] = list(old.get(key, []))
+        elif self.trials_path.exists():
+            self.trials_path.unlink()
+        self.write()
+
+    # ---- reading
+    def has(self, section: str, **key: Any) -> bool:
+        """Whether a row with these key values (see :data:`ROW_KEYS`) is already recorded."""
+        want = _row_key(section, key)
+        return any(_row_key(section, r) == want for r in self.data[section])
+
+    def rows(self, section: str) -> list[dict[str, Any]]:
+        return list(self.data[section])
+
+    # ---- writing
+    def set(self, key: str, value: Any) -> None:
+        self.data[key] = _jsonable(value)
+        self.write()
+
+    def append(self, section: str, row: Mapping[str, Any]) -> None:
+        """Add (or replace, same key) one row and rewrite the file."""
+        if section not in SECTIONS:
+            raise ValueError(f"section={section!r} is not one of {list(SECTIONS)}")
+        row = _jsonable(dict(row))
+        key = _row_key(section, row)
+        self.data[section] = [r for r in self.data[section] if _row_key(section, r) != key] + [row]
+        self.write()
+
+    def extend(self, section: str, rows: Iterable[Mapping[str, Any]]) -> None:
+        for row in rows:
+            self.append(section, row)
+
+    def trial(self, record: Mapping[str, Any]) -> None:
+        """Append one trial record to ``trials.jsonl``."""
+        with self.trials_path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(_jsonable(dict(record))) + "\n")
+
+    def write(self) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".results-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(self.data, fh, indent=1, allow_nan=False)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def load_results(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a ``results.json`` (a file or a run directory holding one)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if not p.is_file():
+        raise FileNotFoundError(f"no results.json at {str(path)!r}")
+    with p.open(encoding="utf-8") as fh:
+        data = json.load(fh)
+    if not isinstance(data, dict) or "protocol" not in data:
+        raise ValueError(f"{p} is not a posheads results.json (no 'protocol' key)")
+    return data

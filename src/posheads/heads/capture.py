@@ -1,0 +1,343 @@
+"""Capture of post-RoPE queries and keys from the model's own attention computation.
+
+Transformers dispatches every attention layer through ``ALL_ATTENTION_FUNCTIONS[config._attn_implementation]``
+with the *already rotated* query and key (``q~ = R_m q``, ``k~ = R_n k``, including any RoPE scaling: PI,
+NTK, YaRN with its attention factor folded into cos/sin, ...) and ``module.layer_idx``. We register, at import
+time, one wrapper per real implementation under the name ``"posheads+<impl>"`` (``posheads+sdpa``,
+``posheads+eager``, ...). The wrapper runs the hooks that are active for that attention module and then
+delegates to the real implementation, so attention itself is unchanged. The matching mask function is
+registered under the same name with :class:`transformers.masking_utils.AttentionMaskInterface` -- without it
+``create_causal_mask`` early-exits and padding masks silently arrive as ``None``.
+
+Registration at import time matters for multi-process training: spawned DDP workers import this module
+(through ``posheads.heads``) and see the same registry.
+
+Hooks are scoped: :func:`attention_hooks` swaps ``config._attn_implementation`` to the wrapper for the
+duration of a ``with`` block and restores it (and removes the hooks) on exit, even on exception. Nested blocks
+(e.g. an ablation inside a statistics pass) compose; hooks run in registration order and each may replace the
+query seen by the next hook and by the real attention.
+
+Pair layout: Hugging Face's rotate-half convention pairs component ``i`` with ``i + d/2``
+(:func:`pair_contributions`); interleaved checkpoints pair ``2i, 2i+1`` (``layout="interleaved"``).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+__all__ = [
+    "WRAPPED_PREFIX",
+    "SUPPORTED_IMPLEMENTATIONS",
+    "AttentionCall",
+    "AttentionHook",
+    "QKRecorder",
+    "attention_modules",
+    "attention_hooks",
+    "capture_qk",
+    "pair_contributions",
+    "to_half_layout",
+]
+
+WRAPPED_PREFIX = "posheads+"
+SUPPORTED_IMPLEMENTATIONS = (
+    "sdpa",
+    "eager",
+    "flash_attention_2",
+    "flash_attention_3",
+    "flash_attention_4",
+    "flex_attention",
+)
+PAIR_LAYOUTS = ("half", "interleaved")
+
+
+@dataclass
+class AttentionCall:
+    """What one attention layer hands to the attention implementation (shapes as Transformers passes them).
+
+    Attributes:
+        layer_idx: the decoder layer.
+        query: post-RoPE queries ``[B, H, Lq, d]``.
+        key: post-RoPE keys ``[B, H_kv, Lk, d]`` (GQA: query head ``h`` reads key head ``h // (H / H_kv)``).
+        attention_mask: ``None`` (pure causal), a boolean ``[B, 1, Lq, Lk]`` mask (True = may attend) or an
+            additive float mask (0 = may attend), whichever the implementation's mask function built.
+        scaling: the logit scale (``1/sqrt(d)`` for Llama).
+    """
+
+    layer_idx: int
+    query: torch.Tensor
+    key: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float
+
+    @property
+    def num_key_value_groups(self) -> int:
+        return self.query.shape[1] // self.key.shape[1]
+
+    def allowed(self) -> torch.Tensor:
+        """Boolean ``[B, Lq, Lk]``: which (query, key) pairs the layer may attend to (causal + padding)."""
+        mask = self.attention_mask
+        b, _, lq, _ = self.query.shape
+        lk = self.key.shape[2]
+        if mask is None:
+            offset = lk - lq
+            q_pos = torch.arange(lq, device=self.query.device)[:, None] + offset
+            k_pos = torch.arange(lk, device=self.query.device)[None, :]
+            return (k_pos <= q_pos).expand(b, lq, lk)
+        return mask_allowed(mask)[:, 0].expand(b, lq, lk)
+
+
+def mask_allowed(mask: torch.Tensor) -> torch.Tensor:
+    """Boolean view of a Transformers attention mask (bool: True = attend; float: additive, 0 = attend)."""
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+class AttentionHook(Protocol):
+    """Called with the attention module and the call; may return a replacement query ``[B, H, Lq, d]``."""
+
+    def __call__(self, module: nn.Module, call: AttentionCall) -> torch.Tensor | None: ...
+
+
+# id(attention module) -> hooks active on it, in registration order
+_ACTIVE: dict[int, list[AttentionHook]] = {}
+
+
+def _generic_eager(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Llama's eager attention, used only if the model's modeling file defines no ``eager_attention_forward``."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling  # [B, H, Lq, Lk]
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    out = torch.matmul(weights, value).transpose(1, 2).contiguous()  # [B, Lq, H, d]
+    return out, weights
+
+
+def _base_function(base: str, module: nn.Module) -> Callable[..., Any]:
+    if base == "eager":
+        modeling = sys.modules.get(type(module).__module__)
+        return getattr(modeling, "eager_attention_forward", _generic_eager)
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def _make_wrapper(base: str) -> Callable[..., Any]:
+    def attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        hooks = _ACTIVE.get(id(module))
+        if hooks:
+            scaling = kwargs.get("scaling")
+            if scaling is None:
+                scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+            layer_idx = int(getattr(module, "layer_idx", -1))
+            for hook in list(hooks):
+                call = AttentionCall(layer_idx, query, key, attention_mask, float(scaling))
+                replaced = hook(module, call)
+                if replaced is not None:
+                    if replaced.shape != query.shape:
+                        raise ValueError(
+                            f"attention hook {hook!r} returned a query of shape {tuple(replaced.shape)}, "
+                            f"expected {tuple(query.shape)}"
+                        )
+                    query = replaced
+        return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
+
+    attention.__name__ = f"posheads_{base}_attention"
+    attention.__qualname__ = attention.__name__
+    return attention
+
+
+def _register() -> None:
+    """Register the wrappers and their mask functions (idempotent; runs at import)."""
+    masks = AttentionMaskInterface._global_mapping
+    for base in SUPPORTED_IMPLEMENTATIONS:
+        name = WRAPPED_PREFIX + base
+        if name not in AttentionInterface._global_mapping:
+            AttentionInterface.register(name, _make_wrapper(base))
+        if base in masks and name not in masks:
+            AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
+
+
+_register()
+
+
+# ------------------------------------------------------------------------------------------- module lookup
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    get_base = getattr(model, "get_base_model", None)  # peft
+    return get_base() if callable(get_base) else model
+
+
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """``{layer_idx: attention module}`` of a (possibly peft-wrapped) decoder model.
+
+    An attention module is any submodule with an integer ``layer_idx``, a ``config`` and an ``o_proj``
+    (Llama, Mistral, Qwen2/3, SmolLM, Gemma, Phi-3 ...).
+    """
+    found: dict[int, nn.Module] = {}
+    for module in _base_model(model).modules():
+        idx = getattr(module, "layer_idx", None)
+        if isinstance(idx, int) and hasattr(module, "config") and hasattr(module, "o_proj"):
+            if idx in found and found[idx] is not module:
+                raise ValueError(f"two attention modules claim layer_idx={idx}")
+            found[idx] = module
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no attention modules with `layer_idx` and `o_proj`")
+    return dict(sorted(found.items()))
+
+
+def _configs(model: nn.Module, modules: Mapping[int, nn.Module]) -> list[Any]:
+    seen: dict[int, Any] = {}
+    base = _base_model(model)
+    for obj in [base, *modules.values()]:
+        cfg = getattr(obj, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            seen.setdefault(id(cfg), cfg)
+    return list(seen.values())
+
+
+@contextmanager
+def _wrapped_attention(model: nn.Module, modules: Mapping[int, nn.Module]) -> Iterator[None]:
+    """Switch every config of ``model`` to the ``posheads+`` wrapper of its implementation; restore on exit."""
+    saved: list[tuple[Any, Any]] = []
+    try:
+        for cfg in _configs(model, modules):
+            current = cfg._attn_implementation
+            saved.append((cfg, current))
+            if isinstance(current, str) and current.startswith(WRAPPED_PREFIX):
+                continue  # already wrapped by an enclosing block
+            base = "eager" if current is None else current
+            if base not in SUPPORTED_IMPLEMENTATIONS:
+                raise ValueError(
+                    f"attn_implementation={current!r} is not one of {list(SUPPORTED_IMPLEMENTATIONS)}; "
+                    "q/k capture and ablation need one of them"
+                )
+            cfg._attn_implementation = WRAPPED_PREFIX + base
+        yield
+    finally:
+        for cfg, value in reversed(saved):
+            cfg._attn_implementation = value
+
+
+@contextmanager
+def attention_hooks(
+    model: nn.Module, hooks: AttentionHook | Mapping[int, AttentionHook], layers: list[int] | None = None
+) -> Iterator[dict[int, nn.Module]]:
+    """Run ``hooks`` inside every (or the chosen) attention layer for the duration of the block.
+
+    Args:
+        model: a Transformers decoder model, possibly wrapped by peft.
+        hooks: one hook for every layer, or ``{layer_idx: hook}``.
+        layers: restrict a single hook to these layers.
+
+    Yields ``{layer_idx: attention module}``. On exit (normal or exception) the hooks are removed and every
+    ``config._attn_implementation`` is restored.
+    """
+    modules = attention_modules(model)
+    if isinstance(hooks, Mapping):
+        per_layer = dict(hooks)
+    else:
+        chosen = list(modules) if layers is None else list(layers)
+        per_layer = dict.fromkeys(chosen, hooks)
+    unknown = sorted(set(per_layer) - set(modules))
+    if unknown:
+        raise ValueError(f"layers={unknown} out of range: the model has layers 0..{max(modules)}")
+    installed: list[tuple[int, AttentionHook]] = []
+    with _wrapped_attention(model, modules):
+        try:
+            for idx, hook in per_layer.items():
+                key = id(modules[idx])
+                _ACTIVE.setdefault(key, []).append(hook)
+                installed.append((key, hook))
+            yield modules
+        finally:
+            for key, hook in reversed(installed):
+                active = _ACTIVE.get(key, [])
+                for j in range(len(active) - 1, -1, -1):
+                    if active[j] is hook:
+                        del active[j]
+                        break
+                if not active:
+                    _ACTIVE.pop(key, None)
+
+
+# -------------------------------------------------------------------------------------------- recording
+
+
+def to_half_layout(x: torch.Tensor, layout: str = "half") -> torch.Tensor:
+    """Reorder the last dim so that pair ``i`` is components ``(i, i + d/2)`` (identity for ``"half"``)."""
+    if layout == "half":
+        return x
+    if layout != "interleaved":
+        raise ValueError(f"layout={layout!r} is not one of {list(PAIR_LAYOUTS)}")
+    d = x.shape[-1]
+    order = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)]).to(x.device)
+    return x.index_select(-1, order)
+
+
+def pair_contributions(q: torch.Tensor, k: torch.Tensor, layout: str = "half") -> torch.Tensor:
+    """Per-pair logit contributions ``g_i = q~[i] k~[i] + q~[i + d/2] k~[i + d/2]`` (rotate-half layout).
+
+    ``q`` and ``k`` broadcast against each other with last dim ``d``; the result has last dim ``d/2`` and
+    ``g.sum(-1) == (q * k).sum(-1)``, the attention logit times ``sqrt(d)`` before masking.
+    """
+    q, k = to_half_layout(q, layout), to_half_layout(k, layout)
+    half = q.shape[-1] // 2
+    return q[..., :half] * k[..., :half] + q[..., half:] * k[..., half:]  # [..., d/2]
+
+
+@dataclass
+class QKRecorder:
+    """Keeps (detached copies of) the post-RoPE query and key of every call, per layer. For small inputs."""
+
+    queries: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H, L, d]
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H_kv, L, d]
+    masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
+    scalings: dict[int, float] = field(default_factory=dict)
+
+    def __call__(self, module: nn.Module, call: AttentionCall) -> None:
+        self.queries[call.layer_idx] = call.query.detach().clone()
+        self.keys[call.layer_idx] = call.key.detach().clone()
+        self.masks[call.layer_idx] = None if call.attention_mask is None else call.attention_mask.detach().clone()
+        self.scalings[call.layer_idx] = call.scaling
+
+
+@contextmanager
+def capture_qk(model: nn.Module, layers: list[int] | None = None) -> Iterator[QKRecorder]:
+    """``with capture_qk(model) as rec: model(ids)`` then ``rec.queries[layer]`` / ``rec.keys[layer]``."""
+    recorder = QKRecorder()
+    with attention_hooks(model, recorder, layers=layers):
+        yield recorder
