@@ -39,7 +39,13 @@ from posheads.eval.config import EvalConfig
 from posheads.eval.perplexity import evaluate_perplexity
 from posheads.eval.plots import plot_results, summary_tables
 from posheads.eval.results import ResultsFile, package_versions
-from posheads.eval.sweep import ModelShape, build_conditions, read_head_table, resolve_critical_pair, validate_heads
+from posheads.eval.sweep import (
+    ModelShape,
+    build_conditions,
+    read_head_table,
+    resolve_critical_pair,
+    validate_heads,
+)
 from posheads.models import TINY, ModelConfig
 
 log = logging.getLogger("posheads.eval")
@@ -62,7 +68,9 @@ def build_parser() -> Any:
         env_prefix="POSHEADS_EVAL",
         default_env=False,
     )
-    parser.add_argument("--config", action=ActionConfigFile, help="YAML configuration file (configs/eval/*.yaml)")
+    parser.add_argument(
+        "--config", action=ActionConfigFile, help="YAML configuration file (configs/eval/*.yaml)"
+    )
     parser.add_class_arguments(EvalConfig, fail_untyped=True, sub_configs=True)
     return parser
 
@@ -124,15 +132,21 @@ def validate_against_model(cfg: EvalConfig, config: Any) -> tuple[ModelShape, li
     notes: list[str] = []
     if limit is not None:
         for task, lengths in _task_lengths(cfg).items():
-            over = [L for L in lengths if L > limit]
+            over = [L for L in lengths if limit < L]
             if over:
-                scaling = "" if cfg.rope is None else f" with rope.method={cfg.rope.method!r} factor={cfg.rope.factor}"
+                scaling = (
+                    ""
+                    if cfg.rope is None
+                    else f" with rope.method={cfg.rope.method!r} factor={cfg.rope.factor}"
+                )
                 msg = (
-                    f"{task} lengths {over} exceed the {limit} tokens the model supports{scaling} "
+                    f"{task} {over} exceed the {limit} tokens the model supports{scaling} "
                     f"(max_position_embeddings / scaling target)"
                 )
                 if cfg.length_policy == "error":
-                    raise ValueError(msg + "; length_policy='error' refuses (set 'warn' or 'allow' to evaluate anyway)")
+                    raise ValueError(
+                        msg + "; length_policy='error' refuses (set 'warn' or 'allow' to evaluate anyway)"
+                    )
                 notes.append(msg)
     return dataclasses.replace(shape, max_length=limit), notes
 
@@ -165,7 +179,7 @@ def _check_documents(cfg: EvalConfig, docs: Sequence[TokenizedDocument]) -> None
     longest = max((d.n_tokens for d in docs), default=0)
     where = f"corpus.kind={cfg.corpus.kind!r}"
     if "perplexity" in cfg.tasks:
-        short = [L for L in cfg.perplexity.lengths if L > longest]
+        short = [L for L in cfg.perplexity.lengths if longest < L]
         if short:
             raise ValueError(
                 f"perplexity.lengths {short}: no document of {where} has that many tokens (the longest of "
@@ -186,9 +200,11 @@ def _check_retrieval(cfg: EvalConfig, tokenizer: Any, haystack: torch.Tensor | N
             continue
         s = getattr(cfg, task)
         need = prompt_overhead(tokenizer, task, s.num_digits)
-        short = [L for L in s.lengths if L <= need]
+        short = [L for L in s.lengths if need >= L]
         if short:
-            raise ValueError(f"{task}.lengths {short} are too short: the prompt without filler takes {need} tokens")
+            raise ValueError(
+                f"{task}.lengths {short} are too short: the prompt without filler takes {need} tokens"
+            )
     if "needle" in cfg.tasks and haystack is not None:
         need = max(cfg.needle.lengths)
         if haystack.numel() < need:
@@ -214,7 +230,9 @@ def prepare(cfg: EvalConfig) -> Prepared:
         validate_heads([(r["layer"], r["head"]) for r in table], shape, option="heads.from_results")
     tokenizer = load_tokenizer(cfg.model)
     docs: list[TokenizedDocument] = []
-    if {"heads", "perplexity"}.intersection(cfg.tasks) or ("needle" in cfg.tasks and cfg.needle.haystack is None):
+    if {"heads", "perplexity"}.intersection(cfg.tasks) or (
+        "needle" in cfg.tasks and cfg.needle.haystack is None
+    ):
         docs = load_token_documents(cfg.corpus, tokenizer, cache_dir=cfg.token_cache, progress=cfg.progress)
         _check_documents(cfg, docs)
     haystack = None
@@ -223,7 +241,9 @@ def prepare(cfg: EvalConfig) -> Prepared:
 
         source = docs
         if cfg.needle.haystack is not None:
-            source = load_token_documents(cfg.needle.haystack, tokenizer, cache_dir=cfg.token_cache, progress=cfg.progress)
+            source = load_token_documents(
+                cfg.needle.haystack, tokenizer, cache_dir=cfg.token_cache, progress=cfg.progress
+            )
         if cfg.needle.haystack_documents is not None:
             source = source[: cfg.needle.haystack_documents]
         haystack = haystack_pool(source, tokenizer)
@@ -242,7 +262,9 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _protocol(cfg: EvalConfig, prep: Prepared, model: Any, conditions: Sequence[Condition], i_c: int | None) -> dict[str, Any]:
+def _protocol(
+    cfg: EvalConfig, prep: Prepared, model: Any, conditions: Sequence[Condition], i_c: int | None
+) -> dict[str, Any]:
     from posheads.rope import scaling_of
 
     try:
@@ -263,7 +285,9 @@ def _protocol(cfg: EvalConfig, prep: Prepared, model: Any, conditions: Sequence[
         "length_warnings": prep.warnings,
         "corpus": corpus,
         "tasks": cfg.tasks,
-        "lengths": {t: getattr(cfg, t).lengths for t in ("perplexity", "passkey", "needle") if t in cfg.tasks},
+        "lengths": {
+            t: getattr(cfg, t).lengths for t in ("perplexity", "passkey", "needle") if t in cfg.tasks
+        },
         "stride": cfg.perplexity.stride,
         "score_last": cfg.perplexity.score_last,
         "perplexity": dataclasses.asdict(cfg.perplexity),
@@ -300,7 +324,9 @@ def _probe_sequences(cfg: EvalConfig, docs: Sequence[TokenizedDocument]) -> torc
     return torch.stack([d.ids[: cfg.heads.length] for d in long_enough])  # [N, L]
 
 
-def _retrieval_prompts(cfg: EvalConfig, task: str, tokenizer: Any, haystack: torch.Tensor | None) -> list[Any]:
+def _retrieval_prompts(
+    cfg: EvalConfig, task: str, tokenizer: Any, haystack: torch.Tensor | None
+) -> list[Any]:
     from posheads.data.retrieval import derive_seed, needle_prompt, passkey_prompt
 
     s = getattr(cfg, task)
@@ -313,19 +339,22 @@ def _retrieval_prompts(cfg: EvalConfig, task: str, tokenizer: Any, haystack: tor
                     prompts.append(passkey_prompt(tokenizer, length, depth, seed, num_digits=s.num_digits))
                 else:
                     assert haystack is not None
-                    prompts.append(needle_prompt(tokenizer, haystack, length, depth, seed, num_digits=s.num_digits))
+                    prompts.append(
+                        needle_prompt(tokenizer, haystack, length, depth, seed, num_digits=s.num_digits)
+                    )
     return prompts
 
 
 def run(cfg: EvalConfig, prepared: Prepared | None = None) -> dict[str, Any]:
     """Run the evaluation described by ``cfg``; returns the final ``results.json`` content."""
-    from posheads.eval import identify as ident
-    from posheads.models import load_model
-
     t0 = time.time()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     prep = prepared or prepare(cfg)
+
+    from posheads.eval import identify as ident
+    from posheads.models import load_model
+
     device = _device(cfg.device)
     model = load_model(cfg.model, cfg.rope).to(device)
     model.eval()
@@ -333,7 +362,11 @@ def run(cfg: EvalConfig, prepared: Prepared | None = None) -> dict[str, Any]:
 
     out_dir = Path(cfg.output.dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = ResultsFile(out_dir, {"model": cfg.model.describe(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}, resume=cfg.output.resume)
+    results = ResultsFile(
+        out_dir,
+        {"model": cfg.model.describe(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        resume=cfg.output.resume,
+    )
 
     i_c = None
     if {"dims_high", "dims_low"}.intersection(cfg.sweep.conditions):
@@ -343,7 +376,14 @@ def run(cfg: EvalConfig, prepared: Prepared | None = None) -> dict[str, Any]:
     try:
         if "heads" in cfg.tasks:
             probes = _probe_sequences(cfg, prep.documents).to(device)
-            found = ident.identify(model, probes, cfg.heads, out_dir, progress=cfg.progress, need_means=cfg.sweep.ablation == "mean")
+            found = ident.identify(
+                model,
+                probes,
+                cfg.heads,
+                out_dir,
+                progress=cfg.progress,
+                need_means=cfg.sweep.ablation == "mean",
+            )
             table, means = found.table, found.means
             results.set("heads", table)
         conditions = [NONE]
@@ -368,7 +408,9 @@ def run(cfg: EvalConfig, prepared: Prepared | None = None) -> dict[str, Any]:
         if "perplexity" in cfg.tasks:
             p = cfg.perplexity
             for length in tqdm(p.lengths, desc="perplexity lengths", disable=not cfg.progress):
-                todo = [c for c in conditions if not results.has("perplexity", condition=c.name, length=length)]
+                todo = [
+                    c for c in conditions if not results.has("perplexity", condition=c.name, length=length)
+                ]
                 if not todo:
                     continue
                 evaluate_perplexity(
@@ -421,7 +463,9 @@ def _run_retrieval(
     prompts = _retrieval_prompts(cfg, task, prep.tokenizer, prep.haystack)
     for length in tqdm(s.lengths, desc=f"{task} lengths", disable=not cfg.progress):
         for depth in s.depths:
-            todo = [c for c in conditions if not results.has(task, condition=c.name, length=length, depth=depth)]
+            todo = [
+                c for c in conditions if not results.has(task, condition=c.name, length=length, depth=depth)
+            ]
             cell = [p for p in prompts if p.length == length and p.depth == depth]
             if not todo or not cell:
                 continue
@@ -473,7 +517,13 @@ def _log_wandb(cfg: EvalConfig, data: dict[str, Any], plots: Sequence[Path], out
             rows = data.get(section) or []
             if rows:
                 columns = list(rows[0])
-                run.log({f"eval/{section}": wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])})
+                run.log(
+                    {
+                        f"eval/{section}": wandb.Table(
+                            columns=columns, data=[[r.get(c) for c in columns] for r in rows]
+                        )
+                    }
+                )
         for r in data.get("perplexity", []):
             run.summary[f"ppl/{r['condition']}/{r['length']}"] = r["ppl"]
         for task in ("passkey", "needle"):
@@ -490,4 +540,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_config(argv)
     return run(cfg)
-

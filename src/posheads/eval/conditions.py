@@ -55,7 +55,9 @@ class Condition:
 
     def __post_init__(self) -> None:
         if self.kind not in CONDITION_KINDS:
-            raise ValueError(f"condition {self.name!r}: kind={self.kind!r} is not one of {list(CONDITION_KINDS)}")
+            raise ValueError(
+                f"condition {self.name!r}: kind={self.kind!r} is not one of {list(CONDITION_KINDS)}"
+            )
         if self.kind == "dims" and self.side not in DIM_SIDES:
             raise ValueError(f"condition {self.name!r}: side={self.side!r} is not one of {list(DIM_SIDES)}")
         object.__setattr__(self, "heads", tuple(sorted({(int(a), int(b)) for a, b in self.heads})))
@@ -86,7 +88,9 @@ def no_ablation(model: Any, group: Sequence[Condition]) -> contextlib.AbstractCo
     """The ``apply`` of a runner that only evaluates no-op conditions."""
     active = [c.name for c in group if not c.is_noop]
     if active:
-        raise ValueError(f"conditions {active} ablate heads but the runner was built without an ablation function")
+        raise ValueError(
+            f"conditions {active} ablate heads but the runner was built without an ablation function"
+        )
     return contextlib.nullcontext()
 
 
@@ -146,28 +150,39 @@ class ConditionRunner:
         return [conds[i : i + size] for i in range(0, len(conds), size)]
 
     def call(self, group: Sequence[Condition], fn: Callable[[int], Any]) -> list[Any]:
-        """``fn(n_rows)`` under ``apply(model, group)``; returns one result per condition of ``group``.
+        """``fn(n_rows)`` under ``apply(model, chunk)`` for consecutive chunks of ``group`` of at most
+        ``max_rows`` conditions; returns one result per condition of ``group``, in order.
 
-        ``fn`` returns a sequence (or tensor) whose first dimension is ``n_rows``. On out-of-memory the group
-        is split in halves, each run on its own, and ``max_rows`` is lowered for the rest of the sweep.
+        ``fn`` returns a sequence (or tensor) whose first dimension is ``n_rows``. On out-of-memory the chunk
+        size is halved (down to one condition per forward, i.e. sequential evaluation) and kept lowered for
+        the rest of the sweep.
         """
         group = list(group)
-        try:
-            with self.apply(self.model, group):
-                out = fn(len(group))
-        except (RuntimeError, torch.OutOfMemoryError) as err:
-            if not is_out_of_memory(err) or len(group) == 1:
-                raise
-            half = math.ceil(len(group) / 2)
-            self.max_rows = min(self.max_rows, half)
-            self._fallbacks += 1
-            log.warning("out of memory with %d conditions per forward; retrying with %d", len(group), half)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            return self.call(group[:half], fn) + self.call(group[half:], fn)
-        if len(out) != len(group):
-            raise ValueError(f"fn returned {len(out)} rows for a group of {len(group)} conditions")
-        return list(out)
+        out: list[Any] = []
+        i = 0
+        while i < len(group):
+            chunk = group[i : i + self.max_rows]
+            try:
+                with self.apply(self.model, chunk):
+                    res = fn(len(chunk))
+            except (RuntimeError, torch.OutOfMemoryError) as err:
+                if not is_out_of_memory(err) or len(chunk) == 1:
+                    raise
+                self.max_rows = math.ceil(len(chunk) / 2)
+                self._fallbacks += 1
+                log.warning(
+                    "out of memory with %d conditions per forward; retrying with %d",
+                    len(chunk),
+                    self.max_rows,
+                )
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                continue
+            if len(res) != len(chunk):
+                raise ValueError(f"fn returned {len(res)} rows for a group of {len(chunk)} conditions")
+            out.extend(res)
+            i += len(chunk)
+        return out
 
     def __iter__(self) -> Iterator[Condition]:
         return iter(self.conditions)

@@ -94,7 +94,9 @@ class PerplexitySettings:
         self.lengths = _positive_ints("perplexity.lengths", self.lengths)
         if self.stride is not None:
             if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
-                raise ValueError(f"perplexity.stride={self.stride!r} must be a positive integer or null (disjoint)")
+                raise ValueError(
+                    f"perplexity.stride={self.stride!r} must be a positive integer or null (disjoint)"
+                )
             if self.stride > min(self.lengths):
                 raise ValueError(
                     f"perplexity.stride={self.stride} exceeds the shortest length {min(self.lengths)} "
@@ -105,9 +107,13 @@ class PerplexitySettings:
                 raise ValueError(f"perplexity.score_last={self.score_last!r} must be an int, a float or null")
             if isinstance(self.score_last, float):
                 if not 0.0 < self.score_last <= 1.0:
-                    raise ValueError(f"perplexity.score_last={self.score_last!r}: a fraction must be in (0, 1]")
+                    raise ValueError(
+                        f"perplexity.score_last={self.score_last!r}: a fraction must be in (0, 1]"
+                    )
             elif not isinstance(self.score_last, int) or self.score_last < 1:
-                raise ValueError(f"perplexity.score_last={self.score_last!r} must be an int >= 1 or a float in (0, 1]")
+                raise ValueError(
+                    f"perplexity.score_last={self.score_last!r} must be an int >= 1 or a float in (0, 1]"
+                )
             elif self.score_last >= min(self.lengths):
                 raise ValueError(
                     f"perplexity.score_last={self.score_last} must be below the shortest length {min(self.lengths)}"
@@ -234,7 +240,7 @@ class SweepSettings:
 
     conditions: list[str] = field(default_factory=lambda: ["none"])
     random_seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    user_heads: list[Any] = field(default_factory=list)
+    user_heads: list[list[int] | str] = field(default_factory=list)
     ablation: str = "zero"
     critical_pair: int | str = "auto"
     max_rows: int = 4
@@ -294,7 +300,9 @@ class WandbSettings:
 
     def __post_init__(self) -> None:
         if self.mode not in ("offline", "online", "disabled"):
-            raise ValueError(f"output.wandb.mode={self.mode!r} is not one of ['offline', 'online', 'disabled']")
+            raise ValueError(
+                f"output.wandb.mode={self.mode!r} is not one of ['offline', 'online', 'disabled']"
+            )
 
 
 @dataclass
@@ -384,13 +392,20 @@ class EvalConfig:
         self.tasks = [t for t in TASKS if t in self.tasks]  # canonical order
         if self.length_policy not in LENGTH_POLICIES:
             raise ValueError(f"length_policy={self.length_policy!r} is not one of {list(LENGTH_POLICIES)}")
-        if self.sweep.needs_positional and self.evaluates and "heads" not in self.tasks and not self.heads.from_results:
+        if (
+            self.sweep.needs_positional
+            and self.evaluates
+            and "heads" not in self.tasks
+            and not self.heads.from_results
+        ):
             needs = sorted(NEEDS_POSITIONAL.intersection(self.sweep.conditions))
             raise ValueError(
                 f"sweep.conditions {needs} need the Positional Heads: add 'heads' to tasks or set heads.from_results"
             )
         if self.sweep.ablation == "mean" and self.evaluates and "heads" not in self.tasks:
-            raise ValueError("sweep.ablation='mean' needs the head means of the probe set: add 'heads' to tasks")
+            raise ValueError(
+                "sweep.ablation='mean' needs the head means of the probe set: add 'heads' to tasks"
+            )
         _optional_positive("threads", self.threads)
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda") or self.device == "mps"):
             raise ValueError(f"device={self.device!r} is not 'auto', 'cpu', 'cuda[:N]' or 'mps'")

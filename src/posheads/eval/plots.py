@@ -19,7 +19,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["condition_families", "plot_perplexity", "plot_results", "plot_retrieval", "summary_tables"]
+__all__ = [
+    "condition_families",
+    "plot_heads",
+    "plot_perplexity",
+    "plot_results",
+    "plot_retrieval",
+    "summary_tables",
+]
 
 
 def _pyplot():
@@ -75,6 +82,9 @@ def plot_perplexity(results: Mapping[str, Any], path: str | os.PathLike) -> Path
         ax.fill_between(lengths, lo, hi, color=line.get_color(), alpha=0.2)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    all_lengths = sorted({int(r["length"]) for r in rows})
+    ax.set_xticks(all_lengths, [str(L) for L in all_lengths])
+    ax.minorticks_off()
     ax.set_xlabel("window length (tokens)")
     ax.set_ylabel("perplexity")
     proto = results.get("protocol", {})
@@ -87,7 +97,9 @@ def plot_perplexity(results: Mapping[str, Any], path: str | os.PathLike) -> Path
     return Path(path)
 
 
-def _grid(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> tuple[list[int], list[float], list[list[float]]]:
+def _grid(
+    rows: Sequence[Mapping[str, Any]], names: Sequence[str]
+) -> tuple[list[int], list[float], list[list[float]]]:
     """Mean accuracy over ``names`` per (depth, length): ``(lengths, depths, [depth][length])``."""
     cells: dict[tuple[float, int], list[float]] = defaultdict(list)
     for r in rows:
@@ -95,7 +107,10 @@ def _grid(rows: Sequence[Mapping[str, Any]], names: Sequence[str]) -> tuple[list
             cells[(float(r["depth"]), int(r["length"]))].append(float(r["accuracy"]))
     lengths = sorted({k[1] for k in cells})
     depths = sorted({k[0] for k in cells})
-    grid = [[sum(cells[(d, L)]) / len(cells[(d, L)]) if cells.get((d, L)) else math.nan for L in lengths] for d in depths]
+    grid = [
+        [sum(cells[(d, L)]) / len(cells[(d, L)]) if cells.get((d, L)) else math.nan for L in lengths]
+        for d in depths
+    ]
     return lengths, depths, grid
 
 
@@ -115,7 +130,9 @@ def plot_retrieval(results: Mapping[str, Any], task: str, path: str | os.PathLik
     n = len(panels)
     cols = min(4, n)
     nrows = math.ceil(n / cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.4 * cols, 2.8 * nrows), squeeze=False)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(3.2 * cols + 1.0, 2.6 * nrows + 0.6), squeeze=False, layout="constrained"
+    )
     image = None
     for ax, (title, members) in zip(axes.flat, panels):
         lengths, depths, grid = _grid(rows, members)
@@ -150,7 +167,12 @@ def plot_results(results: Mapping[str, Any], output_dir: str | os.PathLike) -> l
 
 def _table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    line = lambda cells: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells: Sequence[Any]) -> str:
+        return "  ".join(
+            str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        )
+
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in body)])
 
 
@@ -166,10 +188,18 @@ def summary_tables(results: Mapping[str, Any]) -> str:
         body = []
         for name in order:
             if any((name, L) in cell for L in lengths):
-                body.append([name] + [f"{cell[(name, L)]['ppl']:.3f}" if (name, L) in cell else "-" for L in lengths])
-        tokens = ["tokens"] + [str(next(r["tokens"] for r in ppl_rows if int(r["length"]) == L)) for L in lengths]
-        docs = ["documents"] + [str(next(r["documents"] for r in ppl_rows if int(r["length"]) == L)) for L in lengths]
-        parts.append("Perplexity\n" + _table(["condition"] + [str(L) for L in lengths], body + [tokens, docs]))
+                body.append(
+                    [name] + [f"{cell[(name, L)]['ppl']:.3f}" if (name, L) in cell else "-" for L in lengths]
+                )
+        tokens = ["tokens"] + [
+            str(next(r["tokens"] for r in ppl_rows if int(r["length"]) == L)) for L in lengths
+        ]
+        docs = ["documents"] + [
+            str(next(r["documents"] for r in ppl_rows if int(r["length"]) == L)) for L in lengths
+        ]
+        parts.append(
+            "Perplexity\n" + _table(["condition"] + [str(L) for L in lengths], body + [tokens, docs])
+        )
     for task in ("passkey", "needle"):
         rows = results.get(task, [])
         if not rows:
@@ -189,5 +219,42 @@ def summary_tables(results: Mapping[str, Any]) -> str:
                 correct = sum(r.get("correct", r["accuracy"] * r["trials"]) for r in rs)
                 cells.append(f"{correct / trials:.2f} ({trials})" if trials else "-")
             body.append([name, *cells])
-        parts.append(f"{task} accuracy (mean over depths; trials)\n" + _table(["condition"] + [str(L) for L in lengths], body))
+        parts.append(
+            f"{task} accuracy (mean over depths; trials)\n"
+            + _table(["condition"] + [str(L) for L in lengths], body)
+        )
     return "\n\n".join(parts)
+
+
+def plot_heads(
+    table: Sequence[Mapping[str, Any]], path: str | os.PathLike, value: str = "score"
+) -> Path | None:
+    """Layer x head heat-map of the identification table (``value``: ``score`` or ``z``); Positional Heads
+    are outlined."""
+    if not table:
+        return None
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
+    layers = 1 + max(int(r["layer"]) for r in table)
+    heads = 1 + max(int(r["head"]) for r in table)
+    grid = [[math.nan] * heads for _ in range(layers)]
+    for r in table:
+        v = r.get(value)
+        grid[int(r["layer"])][int(r["head"])] = math.nan if v is None else float(v)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * heads, 1.0 + 0.22 * layers), layout="constrained")
+    image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
+    for r in table:
+        if r.get("positional"):
+            ax.add_patch(
+                Rectangle((int(r["head"]) - 0.5, int(r["layer"]) - 0.5), 1, 1, fill=False, ec="red", lw=1.5)
+            )
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.set_xticks(range(heads))
+    n_pos = sum(bool(r.get("positional")) for r in table)
+    ax.set_title(f"positional {value} per head ({n_pos} Positional Heads outlined)", fontsize=9)
+    fig.colorbar(image, ax=ax, label=value)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -10,6 +10,7 @@ over the seeded trials.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,9 +49,27 @@ class RetrievalRow:
         }
 
 
+def _cache_argument(model: Any) -> str:
+    """Transformers >= 5.2x names the KV cache argument ``cache``; earlier versions ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _cache_of(out: Any) -> Any:
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
+
+
 @torch.inference_mode()
 def greedy_decode(
-    model: Any, input_ids: torch.Tensor, max_new_tokens: int, tokenizer: Any = None, stop_after_number: bool = True
+    model: Any,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    tokenizer: Any = None,
+    stop_after_number: bool = True,
 ) -> torch.Tensor:
     """Greedy continuation of ``input_ids`` (``[B, L]``, no padding). Returns int64 ``[B, <= max_new_tokens]``.
 
@@ -60,8 +79,9 @@ def greedy_decode(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens!r} must be >= 1")
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    cache_arg = _cache_argument(model)
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-    past = out.past_key_values
+    past = _cache_of(out)
     nxt = out.logits[:, -1].argmax(dim=-1)  # [B]
     generated = [nxt]
     for _ in range(max_new_tokens - 1):
@@ -70,8 +90,8 @@ def greedy_decode(
             texts = tokenizer.batch_decode(seqs, skip_special_tokens=False)
             if all(_DONE.search(t) or (eos is not None and eos in s.tolist()) for t, s in zip(texts, seqs)):
                 break
-        out = model(input_ids=nxt[:, None], past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=nxt[:, None], use_cache=True, **{cache_arg: past})
+        past = _cache_of(out)
         nxt = out.logits[:, -1].argmax(dim=-1)  # [B]
         generated.append(nxt)
     return torch.stack(generated, dim=1)  # [B, t]
@@ -107,7 +127,13 @@ def evaluate_retrieval(
         for group in runner.groups(length, conditions):
             correct = [0] * len(group)
             names = ",".join(c.name for c in group)
-            bar = tqdm(cell, desc=f"{task} L={length} d={depth:g} [{names}]", unit="trial", disable=not progress, leave=False)
+            bar = tqdm(
+                cell,
+                desc=f"{task} L={length} d={depth:g} [{names}]",
+                unit="trial",
+                disable=not progress,
+                leave=False,
+            )
             for prompt in bar:
                 ids = prompt.input_ids.to(device)  # [L]
 

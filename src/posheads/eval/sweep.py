@@ -81,7 +81,14 @@ class ModelShape:
             theta, original = base_rope_theta(text), original_context_length(text)
         except (ValueError, AttributeError, KeyError):
             pass
-        return cls(int(text.num_hidden_layers), heads, int(head_dim), getattr(text, "max_position_embeddings", None), theta, original)
+        return cls(
+            int(text.num_hidden_layers),
+            heads,
+            int(head_dim),
+            getattr(text, "max_position_embeddings", None),
+            theta,
+            original,
+        )
 
     @property
     def num_pairs(self) -> int:
@@ -108,7 +115,9 @@ def parse_head(value: Any, option: str = "sweep.user_heads") -> tuple[int, int]:
     raise ValueError(f"{option} entry {value!r} is not a head: use [layer, head] or 'layer.head'")
 
 
-def validate_heads(heads: Iterable[Any], shape: ModelShape, option: str = "sweep.user_heads") -> list[tuple[int, int]]:
+def validate_heads(
+    heads: Iterable[Any], shape: ModelShape, option: str = "sweep.user_heads"
+) -> list[tuple[int, int]]:
     """Parse and range-check heads against the model; errors name the option and the offending value."""
     out: list[tuple[int, int]] = []
     for value in heads:
@@ -137,17 +146,23 @@ def resolve_critical_pair(value: int | str, shape: ModelShape) -> int:
         try:
             value = int(value)
         except ValueError:
-            raise ValueError(f"sweep.critical_pair={value!r} is not 'auto', 'quarter' or an integer") from None
+            raise ValueError(
+                f"sweep.critical_pair={value!r} is not 'auto', 'quarter' or an integer"
+            ) from None
     if value == "quarter":
         return shape.head_dim // 4
     if value == "auto":
         if shape.rope_theta is None or shape.original_context is None:
-            raise ValueError("sweep.critical_pair='auto' needs the model's rope_theta and pre-training context")
+            raise ValueError(
+                "sweep.critical_pair='auto' needs the model's rope_theta and pre-training context"
+            )
         from posheads.rope import critical_pair
 
         return critical_pair(shape.head_dim, shape.rope_theta, shape.original_context)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= shape.num_pairs:
-        raise ValueError(f"sweep.critical_pair={value!r} must be in [0, {shape.num_pairs}] (head_dim/2 pairs)")
+        raise ValueError(
+            f"sweep.critical_pair={value!r} must be in [0, {shape.num_pairs}] (head_dim/2 pairs)"
+        )
     return value
 
 
@@ -180,7 +195,9 @@ def read_head_table(path: str | Path) -> list[dict[str, Any]]:
     if p.is_dir():
         p = p / "results.json"
     if not p.is_file():
-        raise FileNotFoundError(f"heads.from_results={str(path)!r}: no such file (or run directory with results.json)")
+        raise FileNotFoundError(
+            f"heads.from_results={str(path)!r}: no such file (or run directory with results.json)"
+        )
     if p.suffix == ".csv":
         with p.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
@@ -239,7 +256,9 @@ def build_conditions(
         raise ValueError(f"sweep.conditions: {unknown} not in {list(CONDITION_NAMES)}")
     needs = sorted(NEEDS_POSITIONAL.intersection(names))
     if needs and not table:
-        raise ValueError(f"sweep.conditions {needs} need a Positional-Head table: add 'heads' to tasks or set heads.from_results")
+        raise ValueError(
+            f"sweep.conditions {needs} need a Positional-Head table: add 'heads' to tasks or set heads.from_results"
+        )
     pos = positional_heads(table) if table else []
     if needs and not pos:
         raise ValueError(f"sweep.conditions {needs}: the head table marks no head as positional")
@@ -254,7 +273,9 @@ def build_conditions(
                 raise ValueError("sweep.random_seeds=[] is empty but sweep.conditions has 'random'")
             for seed in random_seeds:
                 heads = random_matched_heads(pos, shape, seed)
-                out.append(Condition(f"random@{seed}", "heads", tuple(heads), family="random", seed=int(seed)))
+                out.append(
+                    Condition(f"random@{seed}", "heads", tuple(heads), family="random", seed=int(seed))
+                )
         elif name == "lowest":
             assert table is not None
             out.append(Condition("lowest", "heads", tuple(lowest_heads(table, len(pos)))))

@@ -83,17 +83,28 @@ class AttentionCall:
     def num_key_value_groups(self) -> int:
         return self.query.shape[1] // self.key.shape[1]
 
-    def allowed(self) -> torch.Tensor:
-        """Boolean ``[B, Lq, Lk]``: which (query, key) pairs the layer may attend to (causal + padding)."""
+    def allowed_rows(self, batch: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Boolean ``[N, Lk]``: which keys query ``pos[j]`` of sequence ``batch[j]`` may attend to.
+
+        Only the requested rows are built (never an ``L x L`` mask when the mask is implicit, i.e. ``None``).
+        """
+        lq, lk = self.query.shape[2], self.key.shape[2]
         mask = self.attention_mask
-        b, _, lq, _ = self.query.shape
+        if mask is None:  # pure causal (queries are the last lq positions)
+            k_pos = torch.arange(lk, device=pos.device)
+            return k_pos[None, :] <= (pos + (lk - lq))[:, None]
+        b = batch if mask.shape[0] > 1 else torch.zeros_like(batch)
+        return mask_allowed(mask[b, 0, pos])
+
+    def query_valid(self) -> torch.Tensor:
+        """Boolean ``[B, Lq]``: queries that may attend to themselves (i.e. not padding)."""
+        bsz, _, lq, _ = self.query.shape
         lk = self.key.shape[2]
+        mask = self.attention_mask
         if mask is None:
-            offset = lk - lq
-            q_pos = torch.arange(lq, device=self.query.device)[:, None] + offset
-            k_pos = torch.arange(lk, device=self.query.device)[None, :]
-            return (k_pos <= q_pos).expand(b, lq, lk)
-        return mask_allowed(mask)[:, 0].expand(b, lq, lk)
+            return torch.ones(bsz, lq, dtype=torch.bool, device=self.query.device)
+        diag = torch.diagonal(mask[:, 0, :, lk - lq :], dim1=-2, dim2=-1)  # [B or 1, Lq]
+        return mask_allowed(diag).expand(bsz, lq)
 
 
 def mask_allowed(mask: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,8 @@ weighted Spearman correlation of ``(delta, D)`` is computed exactly (with mid-ra
 
 from __future__ import annotations
 
+import bisect
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -254,9 +256,51 @@ class _Rows:
     batch: torch.Tensor  # [N] batch index
     pos: torch.Tensor  # [N] query position m (sorted ascending)
     q: torch.Tensor  # [H, N, d] post-RoPE query (half layout, float32)
-    a: torch.Tensor  # [H, N, L] attention probabilities of the full row (n-space)
-    valid_delta: torch.Tensor  # [N, Lmax] key at distance delta is attendable
-    null_delta: torch.Tensor  # [N, Lmax] permuted distance delta' (valid entries only)
+    a_delta: torch.Tensor  # [H, N, Lmax] attention probability of the key at distance delta (0 if invalid)
+    valid_delta: torch.Tensor  # [N, Lmax] float: 1 where the key at distance delta is attendable
+    null_delta: torch.Tensor  # [N, Lmax] long: permuted distance delta' (valid entries only)
+
+
+@dataclass
+class _Block:
+    """Key slots of a layer: ``nb`` consecutive bins from ``first_bin``, ``c`` slots per (bin, row).
+
+    ``delta [X, nb, N, c]`` (``X`` = 1: shared by the heads; ``H``: per head), ``w_u [1 or H, nb, N, c]`` and
+    ``w_a [H, nb, N, c]`` the slot's unweighted and attention-weighted weights (0 = unused slot).
+    """
+
+    delta: torch.Tensor
+    w_u: torch.Tensor
+    w_a: torch.Tensor
+    first_bin: int
+
+    def __post_init__(self) -> None:
+        self.delta = self.delta.contiguous()
+        self.w_u = self.w_u.contiguous()
+        self.w_a = self.w_a.contiguous()
+
+
+class _LayerSums:
+    """float32 sums of one layer (added to the float64 :class:`PairStats` once per layer)."""
+
+    def __init__(self, heads: int, bins: int, pairs: int, device: Any) -> None:
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float32, device=device)
+
+        self.p = z(2, heads, bins, len(DIST_TERMS), pairs)
+        self.moments = z(2, heads, bins, len(DIST_TERMS), len(FEATURE_TERMS))
+        self.g = z(2, heads, bins, pairs)
+        self.pp = z(2, heads, bins, pairs)
+        self.dom = z(2, heads * bins * pairs)
+        self.dom_null = z(2, heads * bins * pairs)
+
+    def add_to(self, stats: PairStats, layer: int) -> None:
+        stats.p[:, layer] += self.p.double()
+        stats.moments[:, layer] += self.moments.double()
+        stats.g[:, layer] += self.g.double()
+        stats.pp[:, layer] += self.pp.double()
+        stats.dom[:, layer] += self.dom.double().view_as(stats.dom[:, layer])
+        stats.dom_null[:, layer] += self.dom_null.double().view_as(stats.dom_null[:, layer])
 
 
 class PairStatsCollector:
@@ -264,13 +308,14 @@ class PairStatsCollector:
 
     Use with :func:`posheads.heads.capture.attention_hooks`; set :attr:`plan` before each forward pass (or leave
     it ``None`` to sample ``rows_per_sequence`` rows per sequence automatically with a per-forward seed).
-    Runs under ``torch.no_grad``; the attention itself is not modified.
+    Runs under ``torch.no_grad``; the attention itself is not modified. A layer is never counted twice for
+    one plan (activation recomputation re-runs attention), so set a fresh plan for every forward.
 
     Args:
         num_layers, num_heads, head_dim: model shape.
         num_bins: distance bins (:func:`num_bins_for` of the longest sequence).
         rows_per_sequence: rows sampled per sequence when no plan is set.
-        keys_per_bin: ``None`` = all keys; else ``C`` (see module docstring).
+        keys_per_bin: ``None`` = all keys (exact); else ``C`` (see the module docstring).
         temperature: ``T`` in ``p = softmax(g / T)``.
         layout: ``"half"`` (rotate-half, Hugging Face) or ``"interleaved"`` pairing.
         chunk_elements: bound on ``heads x rows x keys x pairs`` elements per chunk (memory/speed trade-off).
@@ -285,7 +330,7 @@ class PairStatsCollector:
         num_bins: int,
         *,
         rows_per_sequence: int = 64,
-        keys_per_bin: int | None = None,
+        keys_per_bin: int | None = 16,
         temperature: float = 1.0,
         layout: str = "half",
         chunk_elements: int = 1 << 20,
@@ -294,10 +339,12 @@ class PairStatsCollector:
     ) -> None:
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim!r} must be even")
-        if keys_per_bin is not None and keys_per_bin < 1:
-            raise ValueError(f"keys_per_bin={keys_per_bin!r} must be >= 1 or None")
+        if keys_per_bin is not None and keys_per_bin < 2:
+            raise ValueError(f"keys_per_bin={keys_per_bin!r} must be >= 2 or None")
         if not temperature > 0:
             raise ValueError(f"temperature={temperature!r} must be > 0")
+        if num_bins < 1:
+            raise ValueError(f"num_bins={num_bins!r} must be >= 1")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_pairs = head_dim // 2
@@ -312,20 +359,26 @@ class PairStatsCollector:
         self.plan: RowPlan | None = None
         self._auto_forwards = 0
         self._auto = False
+        self.seconds = 0.0  # wall time spent inside the hook (the statistics pass's own cost)
+
+    def reset(self) -> PairStats:
+        """Return the accumulated statistics and start from zero."""
+        out, self.stats = self.stats, PairStats.zeros(
+            self.stats.num_layers, self.num_heads, self.num_bins, self.num_pairs, device=self.stats.dom.device
+        )
+        return out
 
     # ---- plan handling
     def _plan_for(self, call: AttentionCall) -> RowPlan | None:
         plan = self.plan
         if plan is None or (self._auto and call.layer_idx in plan.done_layers):
-            allowed = call.allowed()
-            diag = torch.diagonal(allowed, dim1=-2, dim2=-1)  # [B, L] the query itself is attendable
             seed = self.seed + 7919 * self._auto_forwards
-            rows = sample_query_rows(diag, self.rows_per_sequence, seed)
+            rows = sample_query_rows(call.query_valid(), self.rows_per_sequence, seed)
             plan = RowPlan(rows=rows, seed=seed)
             self.plan, self._auto = plan, True
             self._auto_forwards += 1
         if call.layer_idx in plan.done_layers:
-            return None  # e.g. activation recomputation: never count a layer twice for one plan
+            return None
         return plan
 
     def __call__(self, module: nn.Module, call: AttentionCall) -> None:
@@ -337,13 +390,17 @@ class PairStatsCollector:
         plan = self._plan_for(call)
         if plan is None:
             return None
+        started = time.perf_counter()
         with torch.no_grad():
             rows = self._prepare_rows(call, plan)
             if rows is not None:
-                self._accumulate_layer(call, rows, plan)
+                sums = _LayerSums(self.num_heads, self.num_bins, self.num_pairs, call.query.device)
+                self._accumulate_layer(call, rows, plan, sums)
+                sums.add_to(self.stats, call.layer_idx)
         if not plan.done_layers:
             self.stats.rows += float((plan.rows >= 0).sum())
         plan.done_layers.add(call.layer_idx)
+        self.seconds += time.perf_counter() - started
         return None
 
     # ---- per-layer preparation: rows, attention probabilities, null permutation
@@ -366,262 +423,268 @@ class PairStatsCollector:
         n_rows = pos.numel()
         q = to_half_layout(call.query, self.layout)
         k = to_half_layout(call.key, self.layout)
+        n_kv = k.shape[1]
+        groups = n_heads // n_kv
         q_rows = q[b_idx, :, pos].float().transpose(0, 1).contiguous()  # [N, H, d] -> [H, N, d]
-        groups = n_heads // k.shape[1]
-        allowed = call.allowed()  # [B, L, L]
-        row_allowed = allowed[b_idx, pos]  # [N, L]
-        # full logit rows -> exact attention probabilities a(m, n), one batch element at a time
-        a = torch.empty(n_heads, n_rows, seq, device=device, dtype=torch.float32)
-        for b in torch.unique(b_idx).tolist():
-            sel = (b_idx == b).nonzero().flatten()
-            qb = q_rows[:, sel].view(k.shape[1], groups * sel.numel(), -1)  # [Hkv, G*Nb, d]
-            logits = torch.bmm(qb, k[b].float().transpose(1, 2)) * call.scaling  # [Hkv, G*Nb, L]
-            logits = logits.view(n_heads, sel.numel(), seq)
-            logits.masked_fill_(~row_allowed[sel].unsqueeze(0), float("-inf"))
-            a[:, sel] = torch.softmax(logits, dim=-1)
-        a = torch.nan_to_num_(a, nan=0.0)  # a fully masked row (cannot happen for valid rows) -> zeros
+        row_allowed = call.allowed_rows(b_idx, pos)  # [N, L]
         l_max = int(pos.max()) + 1
         deltas = torch.arange(l_max, device=device)
         n_of = pos[:, None] - deltas[None, :]  # [N, Lmax] key position at distance delta
-        in_range = n_of >= 0
-        valid_delta = in_range & row_allowed.gather(1, n_of.clamp(min=0))
-        null_delta = self._null_deltas(plan, valid_delta, b_idx, pos)
-        return _Rows(b_idx, pos, q_rows, a, valid_delta, null_delta)
+        n_idx = n_of.clamp(min=0)
+        valid_delta = (n_of >= 0) & row_allowed.gather(1, n_idx)  # [N, Lmax]
+        # full logit rows -> exact attention probabilities a(m, n), one batch element at a time (n-space)
+        a_delta = torch.empty(n_heads, n_rows, l_max, device=device, dtype=torch.float32)
+        for b in torch.unique(b_idx).tolist():
+            sel = (b_idx == b).nonzero().flatten()
+            qb = q_rows[:, sel].reshape(n_kv, groups * sel.numel(), -1)  # [Hkv, G*Nb, d]
+            logits = torch.bmm(qb, k[b, :, :l_max].float().transpose(1, 2))  # [Hkv, G*Nb, Lmax]
+            logits = logits.view(n_heads, sel.numel(), l_max).mul_(call.scaling)
+            logits.masked_fill_(~row_allowed[sel, :l_max].unsqueeze(0), float("-inf"))
+            probs = torch.softmax(logits, dim=-1)  # [H, Nb, Lmax] (n-space)
+            a_delta[:, sel] = probs.gather(2, n_idx[sel].unsqueeze(0).expand(n_heads, -1, -1))
+        valid_f = valid_delta.float()
+        a_delta.mul_(valid_f)  # zero outside the row's keys (also clears NaN-free garbage of clamped n)
+        null_delta = self._null_deltas(plan, valid_delta)
+        return _Rows(b_idx, pos, q_rows, a_delta, valid_f, null_delta)
 
-    def _null_deltas(
-        self, plan: RowPlan, valid_delta: torch.Tensor, b_idx: torch.Tensor, pos: torch.Tensor
-    ) -> torch.Tensor:
-        """``[N, Lmax]``: a seeded random bijection of each row's valid distances (same for every layer)."""
-        key = f"{valid_delta.shape}"
-        cached = plan._null.get(key)
-        if cached is not None and bool((plan._null["valid"] == valid_delta).all()):
-            return cached
+    @staticmethod
+    def _null_deltas(plan: RowPlan, valid_delta: torch.Tensor) -> torch.Tensor:
+        """``[N, Lmax]``: a seeded random bijection of each row's valid distances (the same for every layer)."""
+        cached = plan._null.get("null")
+        if cached is not None and plan._null["valid"].shape == valid_delta.shape:
+            if bool((plan._null["valid"] == valid_delta).all()):
+                return cached
         gen = torch.Generator().manual_seed(int(plan.seed) + 104729)
         noise = torch.rand(valid_delta.shape, generator=gen, dtype=torch.float64).to(valid_delta.device)
-        noise = noise.masked_fill(~valid_delta, float("inf"))
+        noise.masked_fill_(~valid_delta, float("inf"))
         shuffled = torch.argsort(noise, dim=1)  # valid distances first, in random order
-        rank = (valid_delta.long().cumsum(1) - 1).clamp(min=0)  # rank of each valid distance
-        null = shuffled.gather(1, rank)  # [N, Lmax]: delta -> delta'
-        null = torch.where(valid_delta, null, torch.zeros_like(null))
-        plan._null = {key: null, "valid": valid_delta}
+        rank = (valid_delta.long().cumsum(1) - 1).clamp(min=0)  # rank of each valid distance among valid ones
+        null = torch.where(valid_delta, shuffled.gather(1, rank), torch.zeros_like(shuffled))  # delta -> delta'
+        plan._null = {"null": null, "valid": valid_delta}
         return null
 
     # ---- the layer's statistics
-    def _accumulate_layer(self, call: AttentionCall, rows: _Rows, plan: RowPlan) -> None:
-        layer = call.layer_idx
+    def _accumulate_layer(self, call: AttentionCall, rows: _Rows, plan: RowPlan, sums: _LayerSums) -> None:
         k = to_half_layout(call.key, self.layout).float()  # [B, Hkv, L, d]
         bsz, n_kv, seq, d = k.shape
         k_flat = k.transpose(0, 1).reshape(n_kv, bsz * seq, d)  # [Hkv, B*L, d]
-        n_rows, l_max = rows.valid_delta.shape
-        device = k.device
-        deltas = torch.arange(l_max, device=device)
-        # attention probabilities in delta-space [H, N, Lmax]
-        n_of = (rows.pos[:, None] - deltas[None, :]).clamp(min=0)
-        a_delta = rows.a.gather(2, n_of.unsqueeze(0).expand(self.num_heads, -1, -1))
-        a_delta = a_delta * rows.valid_delta
-        valid = rows.valid_delta.float()
-        bins_all = distance_bin(deltas, self.num_bins)  # [Lmax]
-        kpb = self.keys_per_bin
-        edges = bin_edges(self.num_bins)
-        if kpb is None:
-            exact_end = l_max
+        if self.keys_per_bin is None:
+            blocks = self._exact_blocks(rows)
         else:
-            exact_bins = [b for b, (lo, hi) in enumerate(edges) if hi - lo <= 2 * kpb and b < self.num_bins - 1]
-            exact_end = min(l_max, edges[max(exact_bins)][1] if exact_bins else 1)
-        # exact part: every key with delta < exact_end
-        slot_delta = deltas[:exact_end].expand(n_rows, -1).unsqueeze(0)  # [1, N, S]
-        self._kernel(
-            layer,
-            rows,
-            k_flat,
-            seq,
-            slot_delta,
-            bins_all[:exact_end],
-            w_u=valid[:, :exact_end],
-            w_a=a_delta[:, :, :exact_end],
-        )
-        if exact_end >= l_max:
-            return
-        # sampled part: bins starting at exact_end
-        gen = torch.Generator(device="cpu").manual_seed(int(plan.seed) * 1009 + layer + 1)
-        sampled = [b for b, (lo, _) in enumerate(edges) if lo >= exact_end and lo < l_max]
-        for weights, per_head in ((valid.unsqueeze(0), False), (a_delta, True)):
-            slot_delta, slot_weight, slot_bins = self._sample_slots(weights, sampled, edges, l_max, kpb, gen)
-            self._kernel(
-                layer,
-                rows,
-                k_flat,
-                seq,
-                slot_delta,
-                slot_bins,
-                w_u=None if per_head else slot_weight[0],
-                w_a=slot_weight if per_head else None,
+            gen = torch.Generator().manual_seed(int(plan.seed) * 1009 + call.layer_idx + 1)
+            blocks = self._sampled_blocks(rows, self.keys_per_bin, gen)
+        for block in blocks:
+            self._block(sums, rows, k_flat, seq, block)
+
+    def _bins_present(self, l_max: int) -> list[tuple[int, int, int]]:
+        """``[(bin, lo, hi)]`` of the bins holding distances ``< l_max`` (``hi`` clipped to ``l_max``)."""
+        out = []
+        for b, (lo, hi) in enumerate(bin_edges(self.num_bins)):
+            if lo >= l_max:
+                break
+            out.append((b, lo, l_max if b == self.num_bins - 1 else min(hi, l_max)))
+        return out
+
+    def _exact_blocks(self, rows: _Rows) -> list[_Block]:
+        """Every key of every row: one block per bin (``keys_per_bin=None``)."""
+        n_rows, l_max = rows.valid_delta.shape
+        device = rows.valid_delta.device
+        blocks = []
+        for b, lo, hi in self._bins_present(l_max):
+            delta = torch.arange(lo, hi, device=device).expand(1, 1, n_rows, -1)  # [1, 1, N, size]
+            blocks.append(
+                _Block(
+                    delta=delta,
+                    w_u=rows.valid_delta[:, lo:hi].view(1, 1, n_rows, -1),
+                    w_a=rows.a_delta[:, :, lo:hi].unsqueeze(1),
+                    first_bin=b,
+                )
             )
+        return blocks
 
-    def _sample_slots(
-        self,
-        weights: torch.Tensor,
-        bins: list[int],
-        edges: list[tuple[int, int]],
-        l_max: int,
-        c: int,
+    def _sampled_blocks(self, rows: _Rows, c: int, gen: torch.Generator) -> list[_Block]:
+        """Keys stratified by distance bin, ``c`` per (head, row, bin), as two rectangular blocks.
+
+        Deterministic-mixture importance sampling. Block U (shared by the heads) has ``c_u = ceil(c/2)`` slots
+        per bin: a bin with at most ``c_u`` keys is enumerated exactly (weights ``valid`` and ``a``; unused
+        slots weigh 0); a larger bin gets ``c_u`` keys drawn uniformly among its ``N_b`` valid keys. Block A
+        (per head) gives each larger bin ``c_a = c - c_u`` keys drawn in proportion to the head's attention
+        inside the bin (mass ``A_b``). Both draws are systematic inverse-CDF samples (one key per stratum of
+        the cumulative weight). A key ``delta`` of a larger bin is then drawn ``E = c_u / N_b + c_a a / A_b``
+        times in expectation (second term only when ``A_b > 0``), and the Horvitz-Thompson weights
+        ``valid / E`` and ``a / E`` make the unweighted and attention-weighted sums unbiased, with every weight
+        at most ``N_b / c_u`` (unweighted) or ``A_b / c_a`` (weighted): the bounds of pure uniform or pure
+        attention sampling.
+        """
+        n_rows, l_max = rows.valid_delta.shape
+        h_all = self.num_heads
+        device = rows.valid_delta.device
+        present = self._bins_present(l_max)
+        n_bins = len(present)
+        lo = torch.tensor([p[1] for p in present], device=device)
+        hi = torch.tensor([p[2] for p in present], device=device)
+        size = hi - lo
+        c_u = (c + 1) // 2
+        c_a = c - c_u
+        v = rows.valid_delta.unsqueeze(0)  # [1, N, Lmax]
+        a = rows.a_delta  # [H, N, Lmax]
+
+        def cumulative(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            cum = w.cumsum(-1)  # [X, N, Lmax]
+            cum0 = torch.nn.functional.pad(cum, (1, 0))
+            return cum, cum0[..., lo], cum0[..., hi] - cum0[..., lo]  # cum, base [X, N, nb], total [X, N, nb]
+
+        def draw(cum: torch.Tensor, base: torch.Tensor, total: torch.Tensor, count: int) -> torch.Tensor:
+            """``count`` systematic samples per bin -> distances ``[X, nb, N, count]``."""
+            x_dim = cum.shape[0]
+            u = torch.rand(x_dim, n_rows, n_bins, count, generator=gen).to(device)
+            strata = (torch.arange(count, device=device, dtype=torch.float32) + u) / count  # in [0, 1)
+            targets = (base.unsqueeze(-1) + strata * total.unsqueeze(-1)).view(x_dim, n_rows, -1)
+            found = torch.searchsorted(cum, targets, right=True).view(x_dim, n_rows, n_bins, count)
+            found = torch.minimum(torch.maximum(found, lo.view(1, 1, -1, 1)), (hi - 1).view(1, 1, -1, 1))
+            return found.permute(0, 2, 1, 3)  # [X, nb, N, count]
+
+        cum_v, base_v, n_b = cumulative(v)  # n_b [1, N, nb]
+        cum_a, base_a, a_b = cumulative(a)  # a_b [H, N, nb]
+        exact_bin = size <= c_u  # [nb]
+        rate_u = (c_u / n_b.clamp(min=1)).permute(0, 2, 1).unsqueeze(-1)  # [1, nb, N, 1]
+        rate_a = torch.where(a_b > 0, c_a / a_b.clamp(min=1e-30), 0.0).permute(0, 2, 1).unsqueeze(-1)  # [H,nb,N,1]
+
+        def weights(delta: torch.Tensor, exact: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+            """Horvitz-Thompson weights of the slots ``delta [X, nb, N, k]`` -> ``w_u, w_a [H, nb, N, k]``."""
+            x_dim, nb, _, k = delta.shape
+            idx = delta.permute(0, 2, 1, 3).reshape(x_dim, n_rows, nb * k)
+            v_at = v.gather(2, idx[:1] if x_dim > 1 else idx)  # valid is head independent
+            if x_dim > 1:
+                v_at = v.expand(x_dim, -1, -1).gather(2, idx)
+            a_at = a.gather(2, idx.expand(h_all, -1, -1))  # [H, N, nb*k]
+            v_at = v_at.view(-1, n_rows, nb, k).permute(0, 2, 1, 3)
+            a_at = a_at.view(h_all, n_rows, nb, k).permute(0, 2, 1, 3)  # [H, nb, N, k]
+            sel = slice(None) if nb == n_bins else slice(n_bins - nb, None)
+            expected = v_at * rate_u[:, sel] + a_at * rate_a[:, sel]
+            inv = torch.where(expected > 0, 1.0 / expected.clamp(min=1e-30), 0.0)
+            if exact is not None:  # exact slots: weight 1 per real key
+                inv = torch.where(exact, torch.ones((), device=device), inv)
+            return v_at * inv, a_at * inv
+
+        # block U: exact enumeration of the small bins, uniform draws in the others
+        drawn = draw(cum_v, base_v, n_b, c_u)  # [1, nb, N, c_u]
+        j = torch.arange(c_u, device=device)
+        exact_slot = (j.view(1, -1) < size.view(-1, 1)) & exact_bin.view(-1, 1)  # [nb, c_u]
+        enumerated = (lo.view(-1, 1) + j.view(1, -1)).clamp(max=l_max - 1)  # [nb, c_u]
+        delta_u = torch.where(exact_bin.view(1, -1, 1, 1), enumerated.view(1, n_bins, 1, c_u), drawn)
+        w_u, w_a = weights(delta_u, exact_slot.view(1, n_bins, 1, c_u))
+        keep = (exact_slot | ~exact_bin.view(-1, 1)).view(1, n_bins, 1, c_u)  # padding slots of small bins: 0
+        blocks = [_Block(delta=delta_u, w_u=w_u * keep, w_a=w_a * keep, first_bin=present[0][0])]
+        # block A: attention draws in the bins larger than c_u
+        first_large = int((~exact_bin).nonzero()[0]) if bool((~exact_bin).any()) else n_bins
+        if first_large < n_bins and c_a > 0:
+            sel = slice(first_large, None)
+            drawn = self._draw_range(cum_a, base_a, a_b, lo, hi, sel, c_a, gen)  # [H, nbA, N, c_a]
+            w_u, w_a = weights(drawn, None)
+            void = (a_b[..., sel] > 0).permute(0, 2, 1).unsqueeze(-1)  # attention draws need attention mass
+            blocks.append(_Block(delta=drawn, w_u=w_u * void, w_a=w_a * void, first_bin=present[first_large][0]))
+        return blocks
+
+    @staticmethod
+    def _draw_range(
+        cum: torch.Tensor,
+        base: torch.Tensor,
+        total: torch.Tensor,
+        lo: torch.Tensor,
+        hi: torch.Tensor,
+        sel: slice,
+        count: int,
         gen: torch.Generator,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Systematic inverse-CDF sampling of ``c`` distances per bin from ``weights [X, N, Lmax]``.
-
-        Returns ``slot_delta [X, N, nbins*c]`` (long), ``slot_weight [X, N, nbins*c]`` (= bin total / c) and the
-        bin of every slot ``[nbins*c]``.
-        """
-        x_dim, n_rows, _ = weights.shape
-        device = weights.device
-        cum = weights.double().cumsum(-1)  # [X, N, Lmax]
-        cum = torch.cat([torch.zeros(x_dim, n_rows, 1, dtype=cum.dtype, device=device), cum], -1)  # [X,N,Lmax+1]
-        lo = torch.tensor([edges[b][0] for b in bins], device=device)
-        hi = torch.tensor([min(edges[b][1] if b < self.num_bins - 1 else l_max, l_max) for b in bins], device=device)
-        base = cum[..., lo]  # [X, N, nb]  cumulative weight before the bin
-        total = cum[..., hi] - base  # [X, N, nb]
-        u = torch.rand(x_dim, n_rows, len(bins), c, generator=gen, dtype=torch.float64).to(device)
-        strata = (torch.arange(c, device=device, dtype=torch.float64) + u) / c  # [X, N, nb, c] in (0, 1)
-        targets = base.unsqueeze(-1) + strata * total.unsqueeze(-1)  # [X, N, nb, c]
-        # first delta whose cumulative weight exceeds the target: cum[..., delta + 1] > t
-        found = torch.searchsorted(cum[..., 1:].contiguous(), targets.reshape(x_dim, n_rows, -1), right=True)
-        found = found.view(x_dim, n_rows, len(bins), c)
+    ) -> torch.Tensor:
+        """Systematic inverse-CDF samples for the bins ``sel`` -> distances ``[X, nb_sel, N, count]``."""
+        x_dim, n_rows, _ = cum.shape
+        device = cum.device
+        base, total, lo, hi = base[..., sel], total[..., sel], lo[sel], hi[sel]
+        nb = lo.numel()
+        u = torch.rand(x_dim, n_rows, nb, count, generator=gen).to(device)
+        strata = (torch.arange(count, device=device, dtype=torch.float32) + u) / count  # in [0, 1)
+        targets = (base.unsqueeze(-1) + strata * total.unsqueeze(-1)).view(x_dim, n_rows, -1)
+        found = torch.searchsorted(cum, targets, right=True).view(x_dim, n_rows, nb, count)  # first cum > t
         found = torch.minimum(torch.maximum(found, lo.view(1, 1, -1, 1)), (hi - 1).view(1, 1, -1, 1))
-        weight = (total / c).unsqueeze(-1).expand(-1, -1, -1, c)  # [X, N, nb, c]
-        slot_bins = torch.tensor(bins, device=device).repeat_interleave(c)
-        return found.reshape(x_dim, n_rows, -1), weight.reshape(x_dim, n_rows, -1).float(), slot_bins
+        return found.permute(0, 2, 1, 3)
 
-    def _kernel(
-        self,
-        layer: int,
-        rows: _Rows,
-        k_flat: torch.Tensor,
-        seq: int,
-        slot_delta: torch.Tensor,
-        slot_bins: torch.Tensor,
-        *,
-        w_u: torch.Tensor | None,
-        w_a: torch.Tensor | None,
-    ) -> None:
-        """Accumulate the sums over the given key slots.
-
-        Args:
-            slot_delta: ``[X, N, S]`` distance of every slot (``X`` = 1 shared by heads, or ``H``).
-            slot_bins: ``[S]`` bin of every slot, non-decreasing.
-            w_u: ``[N, S]`` unweighted weight (validity or sampling weight) or ``None`` (= 0).
-            w_a: ``[H, N, S]`` attention weight or ``None`` (= 0).
-
-        Slots are processed in chunks that never straddle a bin, so each chunk reduces with one batched
-        matrix product per quantity (batch = heads, inner dimension = rows x keys).
-        """
-        n_rows, n_slots = slot_delta.shape[1:]
-        per_slot_row = self.num_heads * self.num_pairs
-        bins_cpu = slot_bins.tolist()
+    def _block(self, sums: _LayerSums, rows: _Rows, k_flat: torch.Tensor, seq: int, block: _Block) -> None:
+        """Accumulate one block, in row chunks that bound ``heads x bins x rows x slots x pairs``."""
+        x_dim, nb, n_rows, c = block.delta.shape
+        per_row = self.num_heads * nb * c * self.num_pairs
+        chunk = max(1, self.chunk_elements // per_row)
+        pos_cpu = rows.pos.tolist()
         edges = bin_edges(self.num_bins)
-        start = 0
-        while start < n_slots:
-            b = bins_cpu[start]
-            end = start
-            while end < n_slots and bins_cpu[end] == b:
-                end += 1
-            # rows whose position is below the bin's smallest distance have no key in it: skip them
-            r0 = int(torch.searchsorted(rows.pos, torch.tensor(edges[b][0], device=rows.pos.device)))
-            if r0 < n_rows:
-                chunk = max(1, self.chunk_elements // (per_slot_row * (n_rows - r0)))
-                for s0 in range(start, end, chunk):
-                    s1 = min(end, s0 + chunk)
-                    self._chunk(
-                        layer,
-                        b,
-                        rows,
-                        r0,
-                        k_flat,
-                        seq,
-                        slot_delta[:, r0:, s0:s1],
-                        None if w_u is None else w_u[r0:, s0:s1],
-                        None if w_a is None else w_a[:, r0:, s0:s1],
-                    )
-            start = end
+        r_start = bisect.bisect_left(pos_cpu, edges[block.first_bin][0])  # rows with no key in the block
+        for r0 in range(r_start, n_rows, chunk):
+            r1 = min(n_rows, r0 + chunk)
+            # bins beyond the chunk's largest position hold no key of its rows
+            nbc = sum(1 for b in range(block.first_bin, block.first_bin + nb) if edges[b][0] <= pos_cpu[r1 - 1])
+            self._chunk(sums, rows, k_flat, seq, block, r0, r1, nbc)
 
     def _chunk(
-        self,
-        layer: int,
-        b: int,
-        rows: _Rows,
-        r0: int,
-        k_flat: torch.Tensor,
-        seq: int,
-        delta: torch.Tensor,
-        w_u: torch.Tensor | None,
-        w_a: torch.Tensor | None,
+        self, sums: _LayerSums, rows: _Rows, k_flat: torch.Tensor, seq: int, block: _Block, r0: int, r1: int, nbc: int
     ) -> None:
-        """One chunk of slots, all in bin ``b``: ``delta [X, Nr, Sc]``, weights ``[Nr, Sc]`` / ``[H, Nr, Sc]``."""
-        h_all, p_dim, nb = self.num_heads, self.num_pairs, self.num_bins
+        h_all, p_dim, n_bins = self.num_heads, self.num_pairs, self.num_bins
         n_kv, bl, d = k_flat.shape
         groups = h_all // n_kv
-        x_dim, nr, sc = delta.shape
+        delta = block.delta[:, :nbc, r0:r1]  # [X, nb, Nr, c]
+        x_dim, nb, nr, c = delta.shape
         device = k_flat.device
-        st = self.stats
-        # post-RoPE keys of every slot
-        key_idx = rows.batch[r0:, None] * seq + (rows.pos[r0:, None] - delta).clamp(min=0)  # [X, Nr, Sc]
-        q = rows.q[:, r0:]  # [H, Nr, d]
+        shape = (h_all, nb, nr, c)
+        pos = rows.pos[r0:r1].view(1, 1, nr, 1)
+        key_idx = rows.batch[r0:r1].view(1, 1, nr, 1) * seq + (pos - delta).clamp(min=0)  # [X, nb, Nr, c]
+        q = rows.q[:, r0:r1]  # [H, Nr, d]
         if x_dim == 1:
-            kc = k_flat.index_select(1, key_idx.reshape(-1)).view(n_kv, 1, nr, sc, d)  # [Hkv, 1, Nr, Sc, d]
-            qv = q.view(n_kv, groups, nr, 1, d)  # [Hkv, G, Nr, 1, d]
+            kc = k_flat.index_select(1, key_idx.reshape(-1)).view(n_kv, 1, nb, nr, c, d)
+            qv = q.view(n_kv, groups, 1, nr, 1, d)
         else:  # per-head slots; GQA: query head h reads key head h // G
             head_kv = torch.arange(h_all, device=device) // groups
-            flat = (head_kv.view(h_all, 1, 1) * bl + key_idx).reshape(-1)
-            kc = k_flat.reshape(n_kv * bl, d).index_select(0, flat).view(h_all, nr, sc, d)  # [H, Nr, Sc, d]
-            qv = q.unsqueeze(2)  # [H, Nr, 1, d]
-        half = p_dim
-        g = qv[..., :half] * kc[..., :half]
-        g.addcmul_(qv[..., half:], kc[..., half:])  # [.., Nr, Sc, P]
-        g = g.view(h_all, nr * sc, p_dim)  # [H, Nr*Sc, P]
-        dom = g.argmax(-1)  # [H, Nr*Sc]
-        p = torch.softmax(g if self.temperature == 1.0 else g / self.temperature, dim=-1)  # [H, Nr*Sc, P]
-        soft = torch.matmul(p, torch.arange(p_dim, device=device, dtype=p.dtype))  # [H, Nr*Sc] soft pair S
-        # distance terms [X, Nr, Sc]
-        df = delta.float()
-        dnull_l = rows.null_delta[r0:].unsqueeze(0).expand(x_dim, -1, -1).gather(2, delta)  # [X, Nr, Sc]
-        dnull = dnull_l.float()
-        terms = [torch.log1p(df), df, torch.log1p(dnull), dnull]  # x, delta, x', delta'
-        zero = torch.zeros((), device=device)
-        wu = w_u if w_u is not None else zero
-        wa = w_a if w_a is not None else zero
-        shape = (h_all, nr, sc)
-        # weight rows w * t for t in DIST_TERMS, w in (unweighted, weighted): row index 2*t + w -> [H, 10, Nr*Sc]
+            flat = (head_kv.view(h_all, 1, 1, 1) * bl + key_idx).reshape(-1)
+            kc = k_flat.reshape(n_kv * bl, d).index_select(0, flat).view(h_all, nb, nr, c, d)
+            qv = q.view(h_all, 1, nr, 1, d)
+        g = qv[..., :p_dim] * kc[..., :p_dim]
+        g.addcmul_(qv[..., p_dim:], kc[..., p_dim:])  # g_i = q_i k_i + q_{i+P} k_{i+P}
+        g = g.view(h_all * nb, nr * c, p_dim)  # [H*nb, Nr*c, P]
+        dom = g.max(dim=-1).indices  # [H*nb, Nr*c] dominant pair D
+        p = torch.softmax(g if self.temperature == 1.0 else g / self.temperature, dim=-1)  # [H*nb, Nr*c, P]
+        soft = torch.matmul(p, torch.arange(p_dim, device=device, dtype=p.dtype))  # [H*nb, Nr*c] soft pair S
+        # distance terms [X, nb, Nr, c]: x = log(1 + delta), delta, and their permuted-position versions
+        null_rows = rows.null_delta[r0:r1]  # [Nr, Lmax]
+        idx = delta.permute(0, 2, 1, 3).reshape(x_dim, nr, nb * c)
+        dnull_l = null_rows.unsqueeze(0).expand(x_dim, -1, -1).gather(2, idx)
+        dnull_l = dnull_l.view(x_dim, nr, nb, c).permute(0, 2, 1, 3)  # [X, nb, Nr, c]
+        df, dnull = delta.float(), dnull_l.float()
+        terms = [torch.log1p(df), df, torch.log1p(dnull), dnull]
+        wu = block.w_u[:, :nbc, r0:r1]
+        wa = block.w_a[:, :nbc, r0:r1]
+        # weight rows w * t for t in DIST_TERMS, w in (unweighted, weighted); row 2 t + w: [H*nb, 10, Nr*c]
         wrows = [wu.expand(shape), wa.expand(shape)]
         for t in terms:
             wrows += [(wu * t).expand(shape), (wa * t).expand(shape)]
-        wmat = torch.stack(wrows, dim=1).view(h_all, 2 * len(DIST_TERMS), nr * sc)
-        feats = torch.stack(
-            [torch.ones(shape, device=device), *(t.expand(shape) for t in terms),
-             dom.view(shape).float(), soft.view(shape).square()],
-            dim=-1,
-        ).view(h_all, nr * sc, len(FEATURE_TERMS))  # [H, Nr*Sc, 7]
+        wmat = torch.stack(wrows, dim=2).reshape(h_all * nb, 2 * len(DIST_TERMS), nr * c)
+        ones = torch.ones((), device=device).expand(shape)
+        dom_f = dom.view(shape).float()
+        feats = torch.stack([ones, *(t.expand(shape) for t in terms), dom_f, soft.view(shape).square()], dim=-1)
+        feats = feats.reshape(h_all * nb, nr * c, len(FEATURE_TERMS))  # [H*nb, Nr*c, 7]
         n_t = len(DIST_TERMS)
-        p_sum = torch.bmm(wmat, p).view(h_all, n_t, 2, p_dim).permute(2, 0, 1, 3)  # [2, H, 5, P]
-        f_sum = torch.bmm(wmat, feats).view(h_all, n_t, 2, -1).permute(2, 0, 1, 3)  # [2, H, 5, 7]
-        g_sum = torch.bmm(wmat[:, :2], g).transpose(0, 1)  # [2, H, P]
-        pp_sum = torch.bmm(wmat[:, :2], p.square()).transpose(0, 1)  # [2, H, P]
-        st.p[:, layer, :, b] += p_sum.to(st.p.dtype)
-        st.moments[:, layer, :, b] += f_sum.to(st.moments.dtype)
-        st.g[:, layer, :, b] += g_sum.to(st.g.dtype)
-        st.pp[:, layer, :, b] += pp_sum.to(st.pp.dtype)
-        # dominant-pair histograms: by the true bin (constant here) and by the permuted distance's bin
-        head = torch.arange(h_all, device=device).view(h_all, 1)
-        idx_true = ((head * nb + b) * p_dim + dom).flatten()
-        bin_null = distance_bin(dnull_l, nb).view(x_dim, nr * sc)
-        idx_null = ((head * nb + bin_null) * p_dim + dom).flatten()
-        size = h_all * nb * p_dim
-        for w_index, w in ((UNWEIGHTED, w_u), (WEIGHTED, w_a)):
-            if w is None:
-                continue
+        b0, b1 = block.first_bin, block.first_bin + nb
+        sums.p[:, :, b0:b1] += torch.bmm(wmat, p).view(h_all, nb, n_t, 2, p_dim).permute(3, 0, 1, 2, 4)
+        sums.moments[:, :, b0:b1] += torch.bmm(wmat, feats).view(h_all, nb, n_t, 2, -1).permute(3, 0, 1, 2, 4)
+        sums.g[:, :, b0:b1] += torch.bmm(wmat[:, :2], g).view(h_all, nb, 2, p_dim).permute(2, 0, 1, 3)
+        sums.pp[:, :, b0:b1] += torch.bmm(wmat[:, :2], p.square()).view(h_all, nb, 2, p_dim).permute(2, 0, 1, 3)
+        # dominant-pair histograms: by the true bin and by the permuted distance's bin
+        head = torch.arange(h_all, device=device).view(h_all, 1, 1, 1)
+        bins_true = torch.arange(b0, b1, device=device).view(1, nb, 1, 1)
+        dom4 = dom.view(shape)
+        idx_true = ((head * n_bins + bins_true) * p_dim + dom4).flatten()
+        idx_null = ((head * n_bins + distance_bin(dnull_l, n_bins)) * p_dim + dom4).flatten()
+        size = h_all * n_bins * p_dim
+        for w_index, w in ((UNWEIGHTED, wu), (WEIGHTED, wa)):
             flat_w = w.expand(shape).reshape(-1)
-            hist = torch.bincount(idx_true, flat_w, minlength=size).view(h_all, nb, p_dim)
-            st.dom[w_index, layer] += hist.to(st.dom.dtype)
-            hist = torch.bincount(idx_null, flat_w, minlength=size).view(h_all, nb, p_dim)
-            st.dom_null[w_index, layer] += hist.to(st.dom_null.dtype)
+            sums.dom[w_index] += torch.bincount(idx_true, flat_w, minlength=size)
+            sums.dom_null[w_index] += torch.bincount(idx_null, flat_w, minlength=size)
 
 
 def collector_for_model(model: nn.Module, num_bins: int, **kwargs: Any) -> PairStatsCollector:

@@ -1,0 +1,269 @@
+"""Ablation operators: whole heads (zero / mean) and RoPE pairs inside heads, as composable context managers.
+
+* **Head ablation** replaces a head's slice of the input of ``o_proj`` (the head's attention output, before the
+  output projection mixes heads) by zeros or by the head's mean output over a reference set
+  (:func:`head_means`). A forward pre-hook on ``o_proj`` works with every attention implementation (eager,
+  SDPA, flash, flex), with GQA (the slice belongs to one *query* head), and with peft-wrapped ``o_proj``.
+* **Dimension ablation** removes RoPE pairs ``i >= i_c`` (``side="high"``) or ``i < i_c`` (``"low"``) from
+  chosen heads' attention logits, in the spirit of the dimension-level analysis of Hong et al.
+  (arXiv 2410.08703). Through the attention-interface hook of :mod:`posheads.heads.capture` the post-RoPE query
+  components of those pairs are set to zero before the real attention runs. This equals removing the pairs
+  from the logits: the logit is ``q~ . k~ / sqrt(d) = sum_i g_i / sqrt(d)`` with
+  ``g_i = q~[i] k~[i] + q~[i + d/2] k~[i + d/2]``, so zeroing ``q~[i]`` and ``q~[i + d/2]`` sets exactly
+  ``g_i = 0`` for every key and leaves every other ``g_j`` unchanged. The keys and values are untouched, so
+  other query heads sharing the key head (GQA) are not affected.
+
+Masks: every operator takes the heads as a list of ``(layer, head)``, a boolean ``[layers, heads]`` mask, or a
+per-row boolean ``[batch, layers, heads]`` mask, so that one batched forward can evaluate several conditions
+(each batch row its own ablation). Ablating nothing installs no hook at all, so the outputs are bit-identical
+to the unablated model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from posheads.heads.capture import AttentionCall, attention_hooks, attention_modules, to_half_layout
+
+__all__ = [
+    "ABLATION_MODES",
+    "DIMENSION_SIDES",
+    "ablate",
+    "ablate_dimensions",
+    "ablate_heads",
+    "head_mask",
+    "head_means",
+]
+
+ABLATION_MODES = ("zero", "mean")
+DIMENSION_SIDES = ("high", "low")
+
+HeadSpec = torch.Tensor | Sequence[tuple[int, int]] | None
+
+
+def _shape(model: nn.Module) -> tuple[int, int, int]:
+    modules = attention_modules(model)
+    first = next(iter(modules.values()))
+    cfg = first.config
+    head_dim = int(getattr(first, "head_dim", 0) or cfg.hidden_size // cfg.num_attention_heads)
+    return max(modules) + 1, int(cfg.num_attention_heads), head_dim
+
+
+def head_mask(heads: HeadSpec, num_layers: int, num_heads: int) -> torch.Tensor | None:
+    """Normalise a head specification to a boolean ``[L, H]`` or ``[B, L, H]`` mask (``None`` for nothing).
+
+    Raises ``ValueError`` naming the offending (layer, head) or shape.
+    """
+    if heads is None:
+        return None
+    if isinstance(heads, torch.Tensor):
+        mask = heads.bool()
+        if mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != (num_layers, num_heads):
+            raise ValueError(
+                f"head mask has shape {tuple(mask.shape)}, expected [{num_layers}, {num_heads}] or "
+                f"[batch, {num_layers}, {num_heads}]"
+            )
+        return mask if bool(mask.any()) else None
+    mask = torch.zeros(num_layers, num_heads, dtype=torch.bool)
+    for item in heads:
+        layer, head = (int(x) for x in item)
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"head ({layer}, {head}): layer {layer} out of range 0..{num_layers - 1}")
+        if not 0 <= head < num_heads:
+            raise ValueError(f"head ({layer}, {head}): head {head} out of range 0..{num_heads - 1}")
+        mask[layer, head] = True
+    return mask if bool(mask.any()) else None
+
+
+def _layer_rows(mask: torch.Tensor, layer: int, batch: int, device: Any) -> torch.Tensor:
+    """``[B or 1, H]`` boolean mask of one layer, checked against the forward's batch size."""
+    m = mask[layer].unsqueeze(0) if mask.dim() == 2 else mask[:, layer]
+    if m.shape[0] not in (1, batch):
+        raise ValueError(f"per-row ablation mask has batch {m.shape[0]}, the forward has batch {batch}")
+    return m.to(device)
+
+
+@contextmanager
+def ablate_heads(
+    model: nn.Module, heads: HeadSpec, mode: str = "zero", means: torch.Tensor | None = None
+) -> Iterator[torch.Tensor | None]:
+    """Zero- or mean-ablate heads through a forward pre-hook on each affected layer's ``o_proj``.
+
+    Args:
+        heads: ``[(layer, head)]``, a ``[L, H]`` mask or a per-row ``[B, L, H]`` mask.
+        mode: ``"zero"`` or ``"mean"``.
+        means: ``[L, H, head_dim]`` mean head outputs (from :func:`head_means`), required for ``"mean"``.
+
+    Yields the normalised mask (``None`` when nothing is ablated: no hook is installed).
+    """
+    if mode not in ABLATION_MODES:
+        raise ValueError(f"ablation mode={mode!r} is not one of {list(ABLATION_MODES)}")
+    n_layers, n_heads, head_dim = _shape(model)
+    mask = head_mask(heads, n_layers, n_heads)
+    if mode == "mean":
+        if means is None:
+            raise ValueError("ablation mode='mean' needs means (see posheads.heads.head_means)")
+        if tuple(means.shape) != (n_layers, n_heads, head_dim):
+            raise ValueError(f"means has shape {tuple(means.shape)}, expected [{n_layers}, {n_heads}, {head_dim}]")
+    if mask is None:
+        yield None
+        return
+    modules = attention_modules(model)
+    handles = []
+    layers = mask.any(0).nonzero().flatten().tolist() if mask.dim() == 3 else mask.any(1).nonzero().flatten().tolist()
+    try:
+        for layer in layers:
+            handles.append(
+                modules[layer].o_proj.register_forward_pre_hook(_HeadHook(mask, layer, n_heads, head_dim, mode, means))
+            )
+        yield mask
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class _HeadHook:
+    def __init__(
+        self, mask: torch.Tensor, layer: int, n_heads: int, head_dim: int, mode: str, means: torch.Tensor | None
+    ) -> None:
+        self.mask, self.layer, self.n_heads, self.head_dim = mask, layer, n_heads, head_dim
+        self.replacement = None if mode == "zero" else means[layer]  # [H, d]  # type: ignore[index]
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]  # [B, T, H*d]
+        shaped = x.view(*x.shape[:-1], self.n_heads, self.head_dim)  # [B, T, H, d]
+        rows = _layer_rows(self.mask, self.layer, x.shape[0], x.device)  # [B or 1, H]
+        sel = rows.view(rows.shape[0], *([1] * (x.dim() - 2)), self.n_heads, 1)  # [B, 1.., H, 1]
+        if self.replacement is None:
+            fill = torch.zeros((), dtype=x.dtype, device=x.device)
+        else:
+            fill = self.replacement.to(device=x.device, dtype=x.dtype)  # [H, d]
+        out = torch.where(sel, fill, shaped).reshape(x.shape)
+        return (out, *args[1:])
+
+
+class _DimensionHook:
+    """Attention hook zeroing the query components of the removed pairs for the chosen heads."""
+
+    def __init__(self, mask: torch.Tensor, layer: int, keep: torch.Tensor) -> None:
+        self.mask, self.layer, self.keep = mask, layer, keep  # keep: [d] bool, True = component kept
+
+    def __call__(self, module: nn.Module, call: AttentionCall) -> torch.Tensor:
+        q = call.query  # [B, H, L, d]
+        rows = _layer_rows(self.mask, self.layer, q.shape[0], q.device)  # [B or 1, H]
+        drop = rows.view(rows.shape[0], q.shape[1], 1, 1) & ~self.keep.to(q.device).view(1, 1, 1, -1)
+        return torch.where(drop, torch.zeros((), dtype=q.dtype, device=q.device), q)
+
+
+def _kept_components(head_dim: int, i_c: int, side: str, layout: str) -> torch.Tensor:
+    """``[d]`` bool: which query components survive removing pairs ``>= i_c`` (``high``) or ``< i_c`` (``low``)."""
+    pairs = head_dim // 2
+    pair = torch.arange(pairs)
+    removed = pair >= i_c if side == "high" else pair < i_c  # [P]
+    half = torch.cat([removed, removed])  # rotate-half: pair i is components i and i + P
+    if layout == "half":
+        return ~half
+    keep = torch.empty(head_dim, dtype=torch.bool)
+    keep[0::2] = ~removed
+    keep[1::2] = ~removed  # interleaved: pair i is components 2i, 2i+1
+    # round trip through the half layout used everywhere else
+    assert torch.equal(to_half_layout(keep.float().view(1, -1), "interleaved").bool().view(-1), ~half)
+    return keep
+
+
+@contextmanager
+def ablate_dimensions(
+    model: nn.Module, heads: HeadSpec, i_c: int, side: str = "high", layout: str = "half"
+) -> Iterator[torch.Tensor | None]:
+    """Remove RoPE pairs ``>= i_c`` (``side="high"``) or ``< i_c`` (``"low"``) from the chosen heads' logits.
+
+    Args:
+        heads: ``[(layer, head)]``, a ``[L, H]`` mask or a per-row ``[B, L, H]`` mask.
+        i_c: the critical pair (see :func:`posheads.heads.hda.resolve_critical_pair`).
+        side: ``"high"`` or ``"low"``.
+        layout: ``"half"`` (rotate-half, Hugging Face) or ``"interleaved"``.
+    """
+    if side not in DIMENSION_SIDES:
+        raise ValueError(f"dimension side={side!r} is not one of {list(DIMENSION_SIDES)}")
+    n_layers, n_heads, head_dim = _shape(model)
+    if not 0 <= i_c <= head_dim // 2:
+        raise ValueError(f"i_c={i_c!r} must be in 0..{head_dim // 2}")
+    mask = head_mask(heads, n_layers, n_heads)
+    if mask is None:
+        yield None
+        return
+    keep = _kept_components(head_dim, i_c, side, layout)
+    layers = mask.any(0).nonzero().flatten().tolist() if mask.dim() == 3 else mask.any(1).nonzero().flatten().tolist()
+    hooks = {layer: _DimensionHook(mask, layer, keep) for layer in layers}
+    with attention_hooks(model, hooks):
+        yield mask
+
+
+@contextmanager
+def ablate(
+    model: nn.Module,
+    *,
+    heads: HeadSpec = None,
+    mode: str = "zero",
+    means: torch.Tensor | None = None,
+    dimension_heads: HeadSpec = None,
+    i_c: int | None = None,
+    side: str = "high",
+    layout: str = "half",
+) -> Iterator[None]:
+    """Head ablation and dimension ablation together (either may be ``None``)."""
+    with ExitStack() as stack:
+        stack.enter_context(ablate_heads(model, heads, mode=mode, means=means))
+        if dimension_heads is not None:
+            if i_c is None:
+                raise ValueError("dimension ablation needs i_c")
+            stack.enter_context(ablate_dimensions(model, dimension_heads, i_c, side=side, layout=layout))
+        yield
+
+
+@torch.no_grad()
+def head_means(
+    model: nn.Module,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    batch_size: int = 1,
+) -> torch.Tensor:
+    """Mean output of every head over the (non-padding) tokens of a reference set: ``[L, H, head_dim]``.
+
+    The "output" is the head's slice of the input of ``o_proj``, the quantity head ablation replaces.
+    """
+    n_layers, n_heads, head_dim = _shape(model)
+    modules = attention_modules(model)
+    device = next(model.parameters()).device
+    sums = torch.zeros(n_layers, n_heads, head_dim, dtype=torch.float64)
+    count = torch.zeros((), dtype=torch.float64)
+    current: dict[str, torch.Tensor | None] = {"mask": None}
+
+    def recorder(layer: int):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0].detach().double()  # [B, T, H*d]
+            x = x.view(*x.shape[:-1], n_heads, head_dim)
+            m = current["mask"]
+            if m is not None:
+                x = x * m.to(x.device, x.dtype).view(*m.shape, 1, 1)
+            sums[layer] += x.sum((0, 1)).cpu()
+
+        return hook
+
+    handles = [modules[layer].o_proj.register_forward_pre_hook(recorder(layer)) for layer in modules]
+    try:
+        for start in range(0, sequences.shape[0], batch_size):
+            ids = sequences[start : start + batch_size].to(device)
+            am = None if attention_mask is None else attention_mask[start : start + batch_size].to(device)
+            current["mask"] = am
+            count += float(ids.numel() if am is None else am.sum())
+            model(input_ids=ids, attention_mask=am)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (sums / count.clamp(min=1)).float()
