@@ -126,7 +126,8 @@ def test_critical_pair():
     assert resolve_critical_pair("quarter", SHAPE) == 4
     assert resolve_critical_pair(3, SHAPE) == 3
     # 2 pi 10000^(2i/16) > 256  <=>  i > 8 ln(256/2pi)/ln(10000) = 3.22
-    assert resolve_critical_pair("auto", SHAPE) == 4
+    assert resolve_critical_pair("critical", SHAPE) == resolve_critical_pair("auto", SHAPE) == 4
+    assert resolve_critical_pair("auto", SHAPE, auto_rule="quarter") == 4
     with pytest.raises(ValueError, match="critical_pair=9"):
         resolve_critical_pair(9, SHAPE)
 

@@ -22,8 +22,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from posheads.heads import PairStats, RowPlan, all_reduce, attention_hooks, sample_query_rows
-from posheads.heads.stats import collector_for_model, num_bins_for
+from posheads.heads import (
+    HeadsConfig,
+    PairStats,
+    RowPlan,
+    all_reduce,
+    attention_hooks,
+    collector_for_model,
+    num_bins_for,
+    sample_query_rows,
+)
 
 __all__ = ["ProbePassResult", "ProbeSet", "run_probe_pass", "select_probe", "shard_batches"]
 
@@ -149,12 +157,10 @@ def run_probe_pass(
     model: nn.Module,
     forward: ForwardFn,
     probe: ProbeSet,
+    cfg: HeadsConfig | None = None,
     *,
     rank: int = 0,
     world_size: int = 1,
-    batch_size: int = 1,
-    rows_per_sequence: int = 64,
-    keys_per_bin: int | None = 16,
     compute_nll: bool = False,
     device: Any = None,
     reduce: bool = True,
@@ -166,23 +172,34 @@ def run_probe_pass(
         model: the Transformers model whose attention layers are hooked (possibly peft-wrapped).
         forward: runs the model on ``input_ids [B, L]``; returns the logits when asked (``want_logits``).
         probe: the probe set.
+        cfg: sampling options (``rows_per_sequence``, ``keys_per_bin``, ``num_bins``, ``temperature``,
+            ``layout``, ``chunk_elements``, ``batch_size``, ``seed``) of :class:`~posheads.heads.HeadsConfig`.
         rank, world_size: this process and the number of processes sharing the probe set.
-        batch_size: sequences per forward (the sums do not depend on it except through the seeded sampling of
-            keys, which is per batch -- use the same value to compare runs).
-        rows_per_sequence: query rows sampled per sequence (stratified; seeded by ``probe.seed`` and the
-            sequence's index in the probe set).
-        keys_per_bin: keys sampled per distance bin (``None``: all keys of every sampled row).
         compute_nll: also sum the next-token NLL of the probe sequences from the same forwards.
         device: where the input ids go (default: the model's first parameter's device).
+
+    Seeding follows :func:`posheads.heads.identify_positional_heads`: sequence ``i`` of the probe set gets query
+    rows seeded with ``cfg.seed * 1_000_003 + i`` and each batch's plan (null permutation, key sampling) the
+    seed of its first sequence, so the single-process sums equal that function's on the same sequences and
+    batch size, and the sums over ranks equal the single-process ones.
     """
     started = time.perf_counter()
     if device is None:
         device = next(model.parameters()).device
     n, length = probe.input_ids.shape
+    cfg = cfg or HeadsConfig()
     collector = collector_for_model(
-        model, num_bins_for(length), rows_per_sequence=rows_per_sequence, keys_per_bin=keys_per_bin, device=device
+        model,
+        cfg.num_bins or num_bins_for(length),
+        rows_per_sequence=cfg.rows_per_sequence,
+        keys_per_bin=cfg.keys_per_bin,
+        temperature=cfg.temperature,
+        layout=cfg.layout,
+        chunk_elements=cfg.chunk_elements,
+        seed=cfg.seed,
+        device=device,
     )
-    mine, forwards = shard_batches(n, batch_size, rank, world_size)
+    mine, forwards = shard_batches(n, cfg.batch_size, rank, world_size)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     with attention_hooks(model, collector):
@@ -191,13 +208,13 @@ def run_probe_pass(
                 idx = mine[j]
                 ids = probe.input_ids[idx].to(device)  # [b, L]
                 valid = torch.ones(len(idx), length, dtype=torch.bool)  # [b, L] no padding in the probe set
-                rows = sample_query_rows(valid, rows_per_sequence, [probe.seed * 100_003 + i for i in idx])  # [b, R]
-                batch_index = idx[0] // batch_size
+                seeds = [cfg.seed * 1_000_003 + i for i in idx]
+                rows = sample_query_rows(valid, cfg.rows_per_sequence, seeds)  # [b, R]
             else:  # padding forward: every rank runs the same number of forwards; it collects nothing
                 ids = probe.input_ids[:1].to(device)  # [1, L]
-                rows = torch.full((1, 1), -1, dtype=torch.long)
-                batch_index = -1
-            collector.plan = RowPlan(rows=rows, seed=probe.seed * 7_919 + batch_index)
+                rows = torch.full((1, 1), -1, dtype=torch.long)  # no query row
+                seeds = [cfg.seed]
+            collector.plan = RowPlan(rows=rows, seed=seeds[0])
             logits = forward(ids, compute_nll and j < len(mine))
             if compute_nll and j < len(mine):
                 if logits is None:

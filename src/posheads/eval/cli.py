@@ -124,10 +124,14 @@ def validate_against_model(cfg: EvalConfig, config: Any) -> tuple[ModelShape, li
     """Check head indices, ``i_c`` and lengths against the model's config. Returns the model shape and the
     length warnings (raises for ``length_policy='error'``)."""
     shape = ModelShape.from_config(config)
+    if cfg.heads.analysis.original_context is not None:
+        shape = dataclasses.replace(shape, original_context=cfg.heads.analysis.original_context)
+    if "heads" in cfg.tasks:
+        cfg.heads.analysis.validate_for(shape.num_layers, shape.num_heads, shape.head_dim)
     if "heads" in cfg.sweep.conditions:
         validate_heads(cfg.sweep.user_heads, shape)
     if {"dims_high", "dims_low"}.intersection(cfg.sweep.conditions):
-        resolve_critical_pair(cfg.sweep.critical_pair, shape)
+        resolve_critical_pair(cfg.sweep.critical_pair, shape, cfg.heads.analysis.critical)
     limit = supported_length(config, cfg.rope)
     notes: list[str] = []
     if limit is not None:
@@ -346,10 +350,20 @@ def _retrieval_prompts(
 
 
 def run(cfg: EvalConfig, prepared: Prepared | None = None) -> dict[str, Any]:
-    """Run the evaluation described by ``cfg``; returns the final ``results.json`` content."""
-    t0 = time.time()
+    """Run the evaluation described by ``cfg``; returns the final ``results.json`` content.
+
+    ``cfg.threads`` sets torch's CPU threads for the run (restored afterwards)."""
+    previous = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, prepared)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
+    t0 = time.time()
     prep = prepared or prepare(cfg)
 
     from posheads.eval import identify as ident
@@ -370,7 +384,7 @@ def run(cfg: EvalConfig, prepared: Prepared | None = None) -> dict[str, Any]:
 
     i_c = None
     if {"dims_high", "dims_low"}.intersection(cfg.sweep.conditions):
-        i_c = resolve_critical_pair(cfg.sweep.critical_pair, prep.shape)
+        i_c = resolve_critical_pair(cfg.sweep.critical_pair, prep.shape, cfg.heads.analysis.critical)
     table = prep.head_table
     means = None
     try:
@@ -386,6 +400,7 @@ def run(cfg: EvalConfig, prepared: Prepared | None = None) -> dict[str, Any]:
             )
             table, means = found.table, found.means
             results.set("heads", table)
+            results.set("heads_summary", _heads_summary(found.analysis))
         conditions = [NONE]
         if cfg.evaluates:
             conditions = build_conditions(
@@ -402,7 +417,8 @@ def run(cfg: EvalConfig, prepared: Prepared | None = None) -> dict[str, Any]:
         _print_plan(cfg, conditions)
 
         needs_ablation = any(not c.is_noop for c in conditions)
-        apply = ident.ablation_apply(cfg.sweep.ablation, i_c, means) if needs_ablation else no_ablation
+        layout = cfg.heads.analysis.layout
+        apply = ident.ablation_apply(cfg.sweep.ablation, i_c, means, layout) if needs_ablation else no_ablation
         runner = ConditionRunner(model, conditions, apply, cfg.sweep.max_rows, cfg.sweep.max_batch_tokens)
 
         if "perplexity" in cfg.tasks:
@@ -485,6 +501,12 @@ def _run_retrieval(
 
 def _config_dict(cfg: EvalConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def _heads_summary(analysis: Any) -> dict[str, Any]:
+    """The identification summary kept in results.json: i_c, score distribution, null, the Positional Heads,
+    per-layer counts, set-averaged HDA (the per-head HDA curves are in ``analysis.json``)."""
+    return analysis.summary()
 
 
 def _print_plan(cfg: EvalConfig, conditions: Sequence[Condition]) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from posheads.data import CorpusConfig
 from posheads.eval.sweep import CONDITION_NAMES, NEEDS_POSITIONAL, parse_head
+from posheads.heads import HeadsConfig
 from posheads.models import ModelConfig
 from posheads.rope import RopeScaling
 
@@ -194,29 +195,29 @@ class IdentifySettings:
     """Positional-Head identification (task ``heads``) or where to read a previous table from.
 
     Attributes:
-        length: tokens per probe sequence (windows of corpus documents with at least that many tokens).
-        num_sequences: probe sequences (at most one per document, the first documents that qualify).
-        batch_size: probe sequences per forward.
+        length: tokens per probe sequence (the first ``length`` tokens of corpus documents that long).
+        num_sequences: probe sequences (one per document, the first documents that qualify).
         from_results: read the head table of a previous run instead (a ``results.json``, its run directory,
             a JSON list or a CSV with ``layer, head, score, z, positional``); used when ``heads`` is not in
             ``tasks``.
-        options: options of :class:`posheads.heads.HeadsConfig` (score statistic, selection rule, sampling,
-            critical pair ...), passed through; ``{}`` = its defaults.
+        analysis: the analysis options (:class:`posheads.heads.HeadsConfig`: score statistic, selection
+            rule, sampling, critical pair, batch size ...).
+        plots: write the identification's plots (score heat-map, HDA curves, pair profile).
     """
 
     length: int = 2048
     num_sequences: int = 4
-    batch_size: int = 1
     from_results: str | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    analysis: HeadsConfig = field(default_factory=HeadsConfig)
+    plots: bool = True
 
     def __post_init__(self) -> None:
-        for opt in ("length", "num_sequences", "batch_size"):
+        for opt in ("length", "num_sequences"):
             _optional_positive(f"heads.{opt}", getattr(self, opt))
             if getattr(self, opt) is None:
                 raise ValueError(f"heads.{opt} must be set")
-        if not isinstance(self.options, dict):
-            raise ValueError(f"heads.options={self.options!r} must be a mapping of HeadsConfig fields")
+        if isinstance(self.analysis, dict):
+            self.analysis = HeadsConfig(**self.analysis)
 
 
 @dataclass
@@ -231,8 +232,9 @@ class SweepSettings:
         user_heads: heads of the ``heads`` condition, ``[layer, head]`` or ``"layer.head"``.
         ablation: ``zero`` (zero the head's input slice of ``o_proj``) or ``mean`` (replace it with the head's
             mean output over the probe sequences).
-        critical_pair: ``i_c`` for dimension ablation: ``auto`` (first pair whose wavelength exceeds the
-            pre-training context), ``quarter`` (``d/4``) or an integer.
+        critical_pair: ``i_c`` for dimension ablation: ``auto`` (the rule of ``heads.analysis.critical``),
+            ``critical`` (first pair whose wavelength exceeds the pre-training context), ``quarter``
+            (``d/4``) or a pair index.
         max_rows: conditions evaluated together in one batched forward (each row its own ablation mask);
             1 = sequential. Halved automatically on out-of-memory.
         max_batch_tokens: cap on ``rows x length`` per forward (``null`` = no cap).
@@ -263,12 +265,12 @@ class SweepSettings:
             raise ValueError("sweep.conditions has 'heads' but sweep.user_heads=[] is empty")
         if self.ablation not in ABLATIONS:
             raise ValueError(f"sweep.ablation={self.ablation!r} is not one of {list(ABLATIONS)}")
-        if isinstance(self.critical_pair, str) and self.critical_pair not in ("auto", "quarter"):
+        if isinstance(self.critical_pair, str) and self.critical_pair not in ("auto", "critical", "quarter"):
             try:
                 self.critical_pair = int(self.critical_pair)
             except ValueError:
                 raise ValueError(
-                    f"sweep.critical_pair={self.critical_pair!r} is not 'auto', 'quarter' or an integer"
+                    f"sweep.critical_pair={self.critical_pair!r} is not 'auto', 'critical', 'quarter' or an integer"
                 ) from None
         if isinstance(self.critical_pair, int) and self.critical_pair < 0:
             raise ValueError(f"sweep.critical_pair={self.critical_pair!r} must be >= 0")

@@ -6,6 +6,8 @@ Keys (all always present):
   lengths, stride, seeds, conditions, package versions, start time.
 * ``heads`` -- the per-head table of the identification, ``[{layer, head, score, z, positional, ...}]``
   (empty when identification did not run in this run).
+* ``heads_summary`` -- the identification's summary (``i_c``, score distribution, null, Positional Heads,
+  per-layer counts, set-averaged HDA); ``{}`` when it did not run.
 * ``conditions`` -- what each ablation condition ablates (``[{name, kind, family, seed, side, n_heads, heads}]``).
 * ``perplexity`` -- ``[{condition, length, nll, ppl, tokens, documents, windows}]``.
 * ``passkey`` / ``needle`` -- ``[{condition, length, depth, accuracy, trials, correct}]``.
@@ -79,6 +81,7 @@ class ResultsFile:
         self.data: dict[str, Any] = {
             "protocol": _jsonable(dict(protocol)),
             "heads": [],
+            "heads_summary": {},
             "conditions": [],
             "perplexity": [],
             "passkey": [],
@@ -87,8 +90,9 @@ class ResultsFile:
         }
         if resume and self.path.is_file():
             old = load_results(self.path)
-            for key in ("heads", "conditions", *SECTIONS):
-                self.data[key] = list(old.get(key, []))
+            for key in ("heads", "heads_summary", "conditions", *SECTIONS):
+                if key in old:
+                    self.data[key] = old[key]
         elif self.trials_path.exists():
             self.trials_path.unlink()
         self.write()

@@ -7,7 +7,8 @@ Conditions (DESIGN.md §2, "Ablation operators"), named in configs as
 ``positional``     the Positional Heads (identified in the same run, or read from a previous run's table)
 ``random``         controls: for every seed, the same number of heads *per layer* as the Positional set,
                    drawn uniformly among the layer's other heads (``random@<seed>`` in results)
-``lowest``         control: the same number of heads, the lowest positional scores overall
+``lowest``         control: the same number of heads, ranked lowest overall (by ``excess`` = score minus
+                   its permuted-position null when the table has it -- the quantity heads are selected on)
 ``heads``          a user-given head list (``sweep.user_heads``)
 ``dims_high``      inside the Positional Heads, RoPE pairs ``i >= i_c`` removed from the attention logits
 ``dims_low``       inside the Positional Heads, RoPE pairs ``i < i_c`` removed
@@ -139,30 +140,29 @@ def validate_heads(
     return out
 
 
-def resolve_critical_pair(value: int | str, shape: ModelShape) -> int:
-    """``i_c`` from ``sweep.critical_pair``: ``"auto"`` (Liu et al.'s critical dimension for the model's
-    pre-trained RoPE), ``"quarter"`` (``d/4``), or an int in ``[0, d/2]``."""
-    if isinstance(value, str) and value not in ("auto", "quarter"):
+def resolve_critical_pair(value: int | str, shape: ModelShape, auto_rule: int | str = "critical") -> int:
+    """``i_c`` from ``sweep.critical_pair``: ``"auto"`` (the identification's rule ``auto_rule``, i.e.
+    ``heads.analysis.critical``), ``"critical"`` (Liu et al.'s critical dimension for the model's
+    pre-trained RoPE), ``"quarter"`` (``d/4``), or a pair index in ``[0, d/2]``."""
+    if value == "auto":
+        value = auto_rule
+    if isinstance(value, str) and value not in ("critical", "quarter"):
         try:
             value = int(value)
         except ValueError:
             raise ValueError(
-                f"sweep.critical_pair={value!r} is not 'auto', 'quarter' or an integer"
+                f"sweep.critical_pair={value!r} is not 'auto', 'critical', 'quarter' or an integer"
             ) from None
     if value == "quarter":
         return shape.head_dim // 4
-    if value == "auto":
+    if value == "critical":
         if shape.rope_theta is None or shape.original_context is None:
-            raise ValueError(
-                "sweep.critical_pair='auto' needs the model's rope_theta and pre-training context"
-            )
+            raise ValueError("sweep.critical_pair='critical' needs the model's rope_theta and pre-training context")
         from posheads.rope import critical_pair
 
         return critical_pair(shape.head_dim, shape.rope_theta, shape.original_context)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= shape.num_pairs:
-        raise ValueError(
-            f"sweep.critical_pair={value!r} must be in [0, {shape.num_pairs}] (head_dim/2 pairs)"
-        )
+        raise ValueError(f"sweep.critical_pair={value!r} must be in [0, {shape.num_pairs}] (head_dim/2 pairs)")
     return value
 
 
@@ -178,14 +178,20 @@ def _head_row(raw: Mapping[str, Any]) -> dict[str, Any]:
     positional = raw.get("positional", False)
     if isinstance(positional, str):
         positional = positional.strip().lower() in ("1", "true", "yes")
-    z = raw.get("z")
-    return {
+    def number(key: str) -> float | None:
+        v = raw.get(key)
+        return None if v in (None, "", "None", "nan") else float(v)
+
+    row = {
         "layer": int(raw["layer"]),
         "head": int(raw["head"]),
-        "score": float(raw["score"]),
-        "z": None if z in (None, "", "None", "nan") else float(z),
+        "score": number("score"),
+        "z": number("z"),
         "positional": bool(positional),
     }
+    if "excess" in raw:
+        row["excess"] = number("excess")
+    return row
 
 
 def read_head_table(path: str | Path) -> list[dict[str, Any]]:
@@ -235,9 +241,17 @@ def random_matched_heads(
     return out
 
 
+def _ranking_value(row: Mapping[str, Any]) -> float:
+    """What Positional Heads are selected on: ``excess`` (score minus its permuted-position null) when the
+    table has it, else ``score``; missing values rank last."""
+    value = row.get("excess", row.get("score"))
+    return float("inf") if value is None else float(value)
+
+
 def lowest_heads(table: Sequence[Mapping[str, Any]], count: int) -> list[tuple[int, int]]:
-    """The ``count`` heads with the lowest positional score (ties broken by layer, head)."""
-    ranked = sorted(table, key=lambda r: (float(r["score"]), int(r["layer"]), int(r["head"])))
+    """The ``count`` heads ranked lowest by the quantity the Positional Heads are selected on (``excess`` when
+    the table has it, else ``score``; ties broken by layer, head)."""
+    ranked = sorted(table, key=lambda r: (_ranking_value(r), int(r["layer"]), int(r["head"])))
     return sorted((int(r["layer"]), int(r["head"])) for r in ranked[:count])
 
 

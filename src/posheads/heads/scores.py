@@ -104,7 +104,8 @@ def _pearson_dominant(stats: PairStats, w: int, null: bool) -> torch.Tensor:
 def _pearson_soft(stats: PairStats, w: int, null: bool) -> torch.Tensor:
     m = stats.moments[w].sum(2)
     p = stats.p[w].sum(2)  # [NL, H, 5, P]
-    pairs = torch.arange(stats.num_pairs, dtype=torch.float64)
+    # the soft pair is accumulated centred, S - (P-1)/2 (correlations are shift invariant)
+    pairs = torch.arange(stats.num_pairs, dtype=torch.float64) - (stats.num_pairs - 1) / 2
     xr = _XN if null else _X
     s_s = (p[..., _ONE, :] * pairs).sum(-1)
     s_xs = (p[..., xr, :] * pairs).sum(-1)

@@ -63,7 +63,7 @@ __all__ = [
 
 # Row factors of the moment sums: sum_w  f(pair) * {1, x, delta, x_null, delta_null}
 DIST_TERMS = ("one", "x", "delta", "x_null", "delta_null")
-# Column factors of the scalar moment sums
+# Column factors of the scalar moment sums; "S2" is the squared *centred* soft pair (S - (P-1)/2)^2
 FEATURE_TERMS = ("one", "x", "delta", "x_null", "delta_null", "D", "S2")
 UNWEIGHTED, WEIGHTED = 0, 1
 
@@ -86,7 +86,7 @@ def bin_edges(num_bins: int) -> list[tuple[int, int]]:
 def distance_bin(delta: torch.Tensor, num_bins: int) -> torch.Tensor:
     """Bin index of integer distances: 0 for 0, ``floor(log2 delta) + 1`` otherwise, clamped to the last bin."""
     edges = torch.tensor([1 << b for b in range(num_bins - 1)], device=delta.device, dtype=delta.dtype)
-    return torch.bucketize(delta, edges, right=True).clamp_(max=num_bins - 1)
+    return torch.bucketize(delta.contiguous(), edges, right=True).clamp_(max=num_bins - 1)
 
 
 # ------------------------------------------------------------------------------------------ accumulators
@@ -243,7 +243,15 @@ class RowPlan:
     rows: torch.Tensor
     seed: int
     done_layers: set[int] = field(default_factory=set)
-    _null: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _null: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    def null_map(self) -> dict[tuple[int, int], torch.Tensor]:
+        """``{(batch, position): LongTensor [Lmax]}``: the permuted distance ``delta'`` of each distance
+        ``delta`` of a sampled row (meaningful for the row's valid distances), once a layer has run."""
+        if "null" not in self._null:
+            return {}
+        b_idx, pos = self._null["rows"]
+        return {(int(b), int(m)): self._null["null"][j].cpu() for j, (b, m) in enumerate(zip(b_idx, pos))}
 
 
 # ------------------------------------------------------------------------------------------------ collector
@@ -445,6 +453,7 @@ class PairStatsCollector:
         valid_f = valid_delta.float()
         a_delta.mul_(valid_f)  # zero outside the row's keys (also clears NaN-free garbage of clamped n)
         null_delta = self._null_deltas(plan, valid_delta)
+        plan._null["rows"] = (b_idx.tolist(), pos.tolist())
         return _Rows(b_idx, pos, q_rows, a_delta, valid_f, null_delta)
 
     @staticmethod
@@ -460,7 +469,7 @@ class PairStatsCollector:
         shuffled = torch.argsort(noise, dim=1)  # valid distances first, in random order
         rank = (valid_delta.long().cumsum(1) - 1).clamp(min=0)  # rank of each valid distance among valid ones
         null = torch.where(valid_delta, shuffled.gather(1, rank), torch.zeros_like(shuffled))  # delta -> delta'
-        plan._null = {"null": null, "valid": valid_delta}
+        plan._null.update(null=null, valid=valid_delta)
         return null
 
     # ---- the layer's statistics
@@ -649,7 +658,8 @@ class PairStatsCollector:
         g = g.view(h_all * nb, nr * c, p_dim)  # [H*nb, Nr*c, P]
         dom = g.max(dim=-1).indices  # [H*nb, Nr*c] dominant pair D
         p = torch.softmax(g if self.temperature == 1.0 else g / self.temperature, dim=-1)  # [H*nb, Nr*c, P]
-        soft = torch.matmul(p, torch.arange(p_dim, device=device, dtype=p.dtype))  # [H*nb, Nr*c] soft pair S
+        # soft dominant pair, centred for a well-conditioned variance: S - (P-1)/2  [H*nb, Nr*c]
+        soft = torch.matmul(p, torch.arange(p_dim, device=device, dtype=p.dtype) - (p_dim - 1) / 2)
         # distance terms [X, nb, Nr, c]: x = log(1 + delta), delta, and their permuted-position versions
         null_rows = rows.null_delta[r0:r1]  # [Nr, Lmax]
         idx = delta.permute(0, 2, 1, 3).reshape(x_dim, nr, nb * c)

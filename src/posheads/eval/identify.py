@@ -1,0 +1,104 @@
+"""The ``heads`` task and the per-row ablation of a group of conditions, on top of :mod:`posheads.heads`.
+
+* :func:`identify` runs :func:`posheads.heads.identify_positional_heads` on the probe sequences, writes its
+  table and plots into the run directory (``heads.csv``, ``analysis.json``, ``stats.pt``,
+  ``scores_heatmap.png``, ``hda_curves.png``, ``pair_profile.png``) and returns the per-head table used by the
+  sweep (and, for mean ablation, the heads' mean outputs on the same probes).
+* :func:`ablation_apply` returns the ``apply(model, group)`` of a :class:`~posheads.eval.conditions.ConditionRunner`:
+  batch row ``r`` is ablated as ``group[r]`` says. Head conditions share one per-row ``[B, layers, heads]``
+  mask (:func:`posheads.heads.ablate_heads`); dimension conditions get one per-row mask per side
+  (:func:`posheads.heads.ablate_dimensions`). Rows of no-op conditions are untouched, and a group with
+  nothing to ablate installs no hook at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from posheads.eval.conditions import Condition
+
+__all__ = ["Identification", "ablation_apply", "condition_masks", "identify"]
+
+
+@dataclass
+class Identification:
+    """Outcome of the ``heads`` task.
+
+    Attributes:
+        table: one row per head (``layer, head, score, null, excess, z, positional, rank, hda_*`` ...).
+        analysis: the :class:`posheads.heads.HeadAnalysis`.
+        means: ``[layers, heads, head_dim]`` mean head outputs on the probes (mean ablation), else ``None``.
+        files: the files written into the run directory.
+    """
+
+    table: list[dict[str, Any]]
+    analysis: Any
+    means: torch.Tensor | None
+    files: dict[str, Path]
+
+
+def identify(
+    model: Any,
+    probes: torch.Tensor,
+    settings: Any,
+    out_dir: str | Path,
+    progress: bool = True,
+    need_means: bool = False,
+) -> Identification:
+    """Identify the Positional Heads on ``probes`` (``[N, L]``) with ``settings.analysis``; save the table
+    and plots under ``out_dir``."""
+    from posheads.heads import head_means, identify_positional_heads
+
+    analysis = identify_positional_heads(model, probes, settings.analysis, progress=progress)
+    files = analysis.save(out_dir, plots=getattr(settings, "plots", True))
+    means = head_means(model, probes, batch_size=settings.analysis.batch_size) if need_means else None
+    return Identification(analysis.table(), analysis, means, files)
+
+
+def condition_masks(group: Sequence[Condition], num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
+    """Per-row boolean ``[B, layers, heads]`` masks of a group: ``"heads"`` (whole-head ablation), ``"high"`` and
+    ``"low"`` (dimension ablation of that side); row ``r`` is ``group[r]``."""
+    masks = {key: torch.zeros(len(group), num_layers, num_heads, dtype=torch.bool) for key in ("heads", "high", "low")}
+    for row, cond in enumerate(group):
+        if cond.is_noop:
+            continue
+        key = "heads" if cond.kind == "heads" else cond.side
+        assert key is not None
+        for layer, head in cond.heads:
+            masks[key][row, layer, head] = True
+    return masks
+
+
+def ablation_apply(mode: str, i_c: int | None, means: torch.Tensor | None, layout: str = "half"):
+    """``apply(model, group)`` for a :class:`~posheads.eval.conditions.ConditionRunner`.
+
+    Args:
+        mode: ``"zero"`` or ``"mean"`` head ablation.
+        i_c: the critical pair of the dimension conditions (``None`` when there are none).
+        means: mean head outputs for ``mode="mean"``.
+        layout: RoPE pair layout (``"half"`` for Hugging Face models).
+    """
+    from posheads.eval.sweep import ModelShape
+    from posheads.heads import ablate_dimensions, ablate_heads
+
+    @contextlib.contextmanager
+    def apply(model: Any, group: Sequence[Condition]) -> Iterator[None]:
+        shape = ModelShape.from_config(model.config)
+        masks = condition_masks(group, shape.num_layers, shape.num_heads)
+        with contextlib.ExitStack() as stack:
+            if masks["heads"].any():
+                stack.enter_context(ablate_heads(model, masks["heads"], mode=mode, means=means))
+            for side in ("high", "low"):
+                if masks[side].any():
+                    if i_c is None:
+                        raise ValueError(f"dimension conditions (side {side!r}) need a critical pair i_c")
+                    stack.enter_context(ablate_dimensions(model, masks[side], i_c, side=side, layout=layout))
+            yield
+
+    return apply

@@ -1,0 +1,308 @@
+"""Identification of Positional Heads: one statistics pass, scores, null, selection and HDA, in one call.
+
+``identify_positional_heads(model, sequences, cfg)`` is pure (no CLI parsing, no logging framework): it runs
+the model over the probe set with a :class:`~posheads.heads.stats.PairStatsCollector` installed, then derives
+everything from the accumulated :class:`~posheads.heads.stats.PairStats` with :func:`analyze` -- which other
+code (a training callback merging statistics across processes) can call on its own sums.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from posheads.heads.capture import attention_hooks, attention_modules
+from posheads.heads.config import HeadsConfig
+from posheads.heads.hda import critical_pair_for, hda_area, hda_curves, hda_extension, set_average
+from posheads.heads.scores import (
+    head_set,
+    per_layer_counts,
+    positional_scores,
+    select_heads,
+    zscores,
+)
+from posheads.heads.stats import PairStats, RowPlan, bin_edges, collector_for_model, num_bins_for, sample_query_rows
+
+__all__ = ["HeadAnalysis", "analyze", "identify_positional_heads"]
+
+# score variants reported next to the configured one in the per-head table
+_EXTRA_SCORES = ("pearson", "spearman_weighted", "soft_pearson_weighted", "per_pair_weighted")
+
+
+@dataclass
+class HeadAnalysis:
+    """Result of a Positional-Head identification (every tensor is ``[num_layers, num_heads, ...]``, CPU).
+
+    Attributes:
+        config: the configuration used.
+        stats: the accumulated per-pair sums (merge two analyses' stats to pool probe sets).
+        i_c: the critical pair.
+        scores, null, excess, z: the configured score, its permuted-position null, ``score - null``, and the
+            z-score of the excess over all heads.
+        positional: boolean mask of the Positional Heads.
+        hda: HDA curves ``[NL, H, NB]``; ``hda_extension_bin`` / ``hda_extension_distance`` and ``hda_area`` /
+            ``hda_mean`` their summaries.
+        extra_scores: other score variants (and their nulls) for the table.
+        meta: provenance (model, lengths, number of sequences, ...).
+    """
+
+    config: HeadsConfig
+    stats: PairStats
+    i_c: int
+    scores: torch.Tensor
+    null: torch.Tensor
+    excess: torch.Tensor
+    z: torch.Tensor
+    positional: torch.Tensor
+    hda: torch.Tensor
+    hda_extension_bin: torch.Tensor
+    hda_extension_distance: torch.Tensor
+    hda_area: torch.Tensor
+    hda_mean: torch.Tensor
+    extra_scores: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.scores.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.scores.shape[1]
+
+    def positional_heads(self) -> list[tuple[int, int]]:
+        return head_set(self.positional)
+
+    def per_layer_counts(self) -> list[int]:
+        return per_layer_counts(self.positional)
+
+    def bin_edges(self) -> list[tuple[int, int]]:
+        return bin_edges(self.stats.num_bins)
+
+    def set_hda(self, mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """HDA curve and summaries averaged over a head set (default: the Positional Heads)."""
+        mask = self.positional if mask is None else mask
+        return {
+            "curve": _floats(set_average(self.hda, mask)),
+            "extension_bin": _float(set_average(self.hda_extension_bin.double(), mask)),
+            "extension_distance": _float(set_average(self.hda_extension_distance.double(), mask)),
+            "area": _float(set_average(self.hda_area, mask)),
+            "mean": _float(set_average(self.hda_mean, mask)),
+        }
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per head: layer, head, score, null, excess, z, positional, rank, HDA summaries, extras."""
+        order = torch.argsort(torch.nan_to_num(self.excess, nan=float("-inf")).flatten(), descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        rows = []
+        for layer in range(self.num_layers):
+            for head in range(self.num_heads):
+                row: dict[str, Any] = {
+                    "layer": layer,
+                    "head": head,
+                    "score": _float(self.scores[layer, head]),
+                    "null": _float(self.null[layer, head]),
+                    "excess": _float(self.excess[layer, head]),
+                    "z": _float(self.z[layer, head]),
+                    "positional": bool(self.positional[layer, head]),
+                    "rank": int(rank[layer * self.num_heads + head]) + 1,
+                    "hda_extension_bin": int(self.hda_extension_bin[layer, head]),
+                    "hda_extension_distance": int(self.hda_extension_distance[layer, head]),
+                    "hda_area": _float(self.hda_area[layer, head]),
+                    "hda_mean": _float(self.hda_mean[layer, head]),
+                }
+                for name, values in self.extra_scores.items():
+                    row[name] = _float(values[layer, head])
+                rows.append(row)
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        """Score distribution, null statistics, selected heads, per-layer counts and set-averaged HDA."""
+        finite = self.scores[torch.isfinite(self.scores)]
+        null = self.null[torch.isfinite(self.null)]
+        others = ~self.positional
+        return {
+            "score": self.config.score,
+            "i_c": self.i_c,
+            "num_heads": self.scores.numel(),
+            "score_min": _float(finite.min()) if finite.numel() else None,
+            "score_median": _float(finite.median()) if finite.numel() else None,
+            "score_max": _float(finite.max()) if finite.numel() else None,
+            "null_mean": _float(null.mean()) if null.numel() else None,
+            "null_sd": _float(null.std()) if null.numel() > 1 else None,
+            "positional_heads": [list(x) for x in self.positional_heads()],
+            "per_layer_counts": self.per_layer_counts(),
+            "hda_positional": self.set_hda(self.positional),
+            "hda_other": self.set_hda(others),
+            "bin_edges": [list(e) for e in self.bin_edges()],
+            "meta": self.meta,
+            "config": self.config.to_dict(),
+        }
+
+    def save(self, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
+        """Write ``heads.csv``, ``analysis.json``, ``stats.pt`` and (optionally) the PNG plots to ``out_dir``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"csv": out / "heads.csv", "json": out / "analysis.json", "stats": out / "stats.pt"}
+        rows = self.table()
+        with paths["csv"].open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        payload = self.summary()
+        payload["heads"] = rows
+        payload["hda_curves"] = [[_floats(self.hda[layer, head]) for head in range(self.num_heads)] for layer in range(self.num_layers)]
+        paths["json"].write_text(json.dumps(payload, indent=1, allow_nan=False, default=str))
+        torch.save({"stats": self.stats.state_dict(), "config": self.config.to_dict(), "meta": self.meta}, paths["stats"])
+        if plots:
+            from posheads.heads.plots import save_all_plots
+
+            paths.update(save_all_plots(self, out))
+        return paths
+
+
+def _float(x: Any) -> float | None:
+    value = float(x)
+    return None if math.isnan(value) or math.isinf(value) else value
+
+
+def _floats(t: torch.Tensor) -> list[float | None]:
+    return [_float(x) for x in t.flatten().tolist()]
+
+
+def analyze(stats: PairStats, cfg: HeadsConfig, i_c: int, meta: dict[str, Any] | None = None) -> HeadAnalysis:
+    """Scores, null, z, selection and HDA from accumulated sums (pure)."""
+    stats = stats.to("cpu")
+    kwargs = {"i_c": i_c, "per_pair_distance": cfg.per_pair_distance}
+    scores = positional_scores(stats, cfg.score, **kwargs)
+    null = positional_scores(stats, cfg.score, null=True, **kwargs)
+    excess = scores - null
+    z = zscores(scores, null)
+    positional = select_heads(
+        excess, z, top_fraction=cfg.top_fraction, z_threshold=cfg.z_threshold, combine=cfg.combine
+    )
+    curves = hda_curves(stats, i_c, cfg.hda_variant)
+    ext_bin, ext_distance = hda_extension(curves, cfg.tau)
+    area, mean = hda_area(curves)
+    extra: dict[str, torch.Tensor] = {}
+    for name in _EXTRA_SCORES:
+        if name == cfg.score or (name.startswith("per_pair") and not 0 < i_c < stats.num_pairs):
+            continue
+        extra[name] = positional_scores(stats, name, **kwargs)
+        extra[name + "_null"] = positional_scores(stats, name, null=True, **kwargs)
+    return HeadAnalysis(
+        config=cfg,
+        stats=stats,
+        i_c=i_c,
+        scores=scores,
+        null=null,
+        excess=excess,
+        z=z,
+        positional=positional,
+        hda=curves,
+        hda_extension_bin=ext_bin,
+        hda_extension_distance=ext_distance,
+        hda_area=area,
+        hda_mean=mean,
+        extra_scores=extra,
+        meta=dict(meta or {}),
+    )
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (the statistics never need logits)."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    get_decoder = getattr(base, "get_decoder", None)
+    if callable(get_decoder):
+        decoder = get_decoder()
+        if isinstance(decoder, nn.Module):
+            return decoder
+    return base
+
+
+@torch.no_grad()
+def identify_positional_heads(
+    model: nn.Module,
+    sequences: torch.Tensor,
+    cfg: HeadsConfig | None = None,
+    progress: bool = True,
+    attention_mask: torch.Tensor | None = None,
+) -> HeadAnalysis:
+    """Identify the Positional Heads of ``model`` on a probe set.
+
+    Args:
+        model: a Transformers RoPE decoder (possibly peft-wrapped), any attention implementation.
+        sequences: ``LongTensor [N, L]`` token ids.
+        cfg: analysis options (defaults: 64 rows per sequence, attention-weighted Pearson score, top 10 %).
+        progress: show a progress bar.
+        attention_mask: optional ``[N, L]`` padding mask (1 = token).
+
+    Query rows are sampled per sequence with seed ``cfg.seed * 1_000_003 + index`` (so a sequence gets the same
+    rows whatever the batching); the null permutation and key sampling are seeded per batch.
+    """
+    cfg = cfg or HeadsConfig()
+    if sequences.dim() != 2:
+        raise ValueError(f"sequences must be [N, L], got shape {tuple(sequences.shape)}")
+    if attention_mask is not None and attention_mask.shape != sequences.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, sequences {tuple(sequences.shape)}")
+    modules = attention_modules(model)
+    first = next(iter(modules.values()))
+    head_dim = int(getattr(first, "head_dim", 0) or first.config.hidden_size // first.config.num_attention_heads)
+    cfg.validate_for(max(modules) + 1, int(first.config.num_attention_heads), head_dim)
+    n_seq, length = sequences.shape
+    num_bins = cfg.num_bins or num_bins_for(length)
+    device = next(model.parameters()).device
+    collector = collector_for_model(
+        model,
+        num_bins,
+        rows_per_sequence=cfg.rows_per_sequence,
+        keys_per_bin=cfg.keys_per_bin,
+        temperature=cfg.temperature,
+        layout=cfg.layout,
+        chunk_elements=cfg.chunk_elements,
+        seed=cfg.seed,
+        device=device,
+    )
+    decoder = _decoder(model)
+    was_training = model.training
+    model.eval()
+    starts = range(0, n_seq, cfg.batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="positional heads", unit="batch")
+    try:
+        with attention_hooks(model, collector):
+            for start in starts:
+                ids = sequences[start : start + cfg.batch_size].to(device)
+                am = None if attention_mask is None else attention_mask[start : start + cfg.batch_size].to(device)
+                valid = torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
+                seeds = [cfg.seed * 1_000_003 + start + j for j in range(ids.shape[0])]
+                collector.plan = RowPlan(sample_query_rows(valid.cpu(), cfg.rows_per_sequence, seeds), seed=seeds[0])
+                decoder(input_ids=ids, attention_mask=am)
+    finally:
+        model.train(was_training)
+    config = first.config
+    i_c = critical_pair_for(config, cfg.critical, cfg.original_context)
+    meta = {
+        "model": str(getattr(config, "_name_or_path", "") or type(model).__name__),
+        "num_sequences": n_seq,
+        "sequence_length": length,
+        "num_layers": max(modules) + 1,
+        "num_heads": int(config.num_attention_heads),
+        "num_key_value_heads": int(getattr(config, "num_key_value_heads", config.num_attention_heads)),
+        "head_dim": head_dim,
+        "rope_parameters": dict(getattr(config, "rope_parameters", {}) or {}),
+        "attn_implementation": str(config._attn_implementation),
+        "rows_accumulated": float(collector.stats.rows),
+        "stats_seconds": collector.seconds,
+    }
+    return analyze(collector.stats, cfg, i_c, meta)
