@@ -17,7 +17,13 @@ import tracemalloc
 import torch
 
 from posheads.heads.capture import AttentionCall, attention_hooks
-from posheads.heads.stats import PairStatsCollector, RowPlan, collector_for_model, num_bins_for, sample_query_rows
+from posheads.heads.stats import (
+    PairStatsCollector,
+    RowPlan,
+    collector_for_model,
+    num_bins_for,
+    sample_query_rows,
+)
 
 
 def _tokens(tokenizer, length: int, n: int) -> torch.Tensor:
@@ -43,7 +49,9 @@ def bench_model(lengths: list[int], rows: int, keys_per_bin: int | None, repeats
     print(f"device={device} threads={torch.get_num_threads()} rows={rows} keys_per_bin={keys_per_bin}")
     for length in lengths:
         ids = _tokens(tokenizer, length, 1).to(device)
-        collector = collector_for_model(model, num_bins_for(length), rows_per_sequence=rows, keys_per_bin=keys_per_bin)
+        collector = collector_for_model(
+            model, num_bins_for(length), rows_per_sequence=rows, keys_per_bin=keys_per_bin
+        )
         plain, hooked, inside = [], [], []
         with torch.no_grad():
             model(ids[:, :128])  # warm-up
@@ -53,7 +61,9 @@ def bench_model(lengths: list[int], rows: int, keys_per_bin: int | None, repeats
                 model.model(ids)  # the decoder stack (the statistics never need the LM head)
                 _sync(device)
                 plain.append(time.perf_counter() - t0)
-                collector.plan = RowPlan(sample_query_rows(torch.ones_like(ids, dtype=torch.bool), rows, r), seed=r)
+                collector.plan = RowPlan(
+                    sample_query_rows(torch.ones_like(ids, dtype=torch.bool), rows, r), seed=r
+                )
                 before = collector.seconds
                 with attention_hooks(model, collector):
                     _sync(device)
@@ -98,7 +108,9 @@ def bench_memory(lengths: list[int], rows: int, keys_per_bin: int | None) -> Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--keys-per-bin", type=int, default=16, help="0 = all keys (exact)")

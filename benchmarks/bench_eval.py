@@ -29,7 +29,7 @@ from posheads.eval.sweep import ModelShape, build_conditions
 from posheads.models import ModelConfig, TinySpec, load_model, load_tokenizer
 
 
-def plain_loop(model, pairs, score_last=None):
+def plain_loop(model, pairs):
     total, count = 0.0, 0
     for doc, w in pairs:
         ids = doc.ids[w.start : w.end][None]
@@ -59,7 +59,11 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--conditions", type=int, default=4, help="conditions in the batched-vs-sequential part")
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: disjoint windows)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cfg = ModelConfig(
         name_or_path=args.model,
@@ -67,14 +71,16 @@ def main() -> None:
     )
     model, tok = load_model(cfg), load_tokenizer(cfg)
     docs = load_token_documents(CorpusConfig(kind="pydoc"), tok, progress=False)
-    pairs = perplexity_windows(docs, args.length, max_windows=args.windows)
+    pairs = perplexity_windows(docs, args.length, stride=args.stride, max_windows=args.windows)
     print(
         f"model={cfg.describe()} length={args.length} windows={len(pairs)} threads={torch.get_num_threads()}"
     )
 
     t_plain, ref = timed(lambda: plain_loop(model, pairs), args.repeat)
     t_ours, rows = timed(
-        lambda: evaluate_perplexity(model, docs, args.length, max_windows=args.windows, progress=False),
+        lambda: evaluate_perplexity(
+            model, docs, args.length, stride=args.stride, max_windows=args.windows, progress=False
+        ),
         args.repeat,
     )
     print(

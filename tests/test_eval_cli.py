@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -31,13 +31,15 @@ def _ci(tmp_path, *overrides):
     return ["--config", str(CI_CONFIG), "--output.dir", str(tmp_path / "run"), *overrides]
 
 
-def test_help_works():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "evaluate.py"), "--help"], capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
+def test_help_works(monkeypatch, capsys):
+    """``python evaluate.py --help`` (the real entry file, run in-process to save the interpreter start)."""
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(ROOT / "evaluate.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
     for option in ("--config", "--perplexity.lengths", "--sweep.conditions", "--passkey.depths", "--tasks"):
-        assert option in out.stdout
+        assert option in out
 
 
 @pytest.mark.parametrize("path", [CI_CONFIG, SMOLLM2_CONFIG], ids=lambda p: p.name)
@@ -87,8 +89,8 @@ def test_bad_config_is_refused(tmp_path, no_weights, overrides, match):
     "overrides,match",
     [
         (
-            ["--sweep.user_heads", "[[0, 1], [2, 0]]"],
-            r"entry \[2, 0\]: layer 2 is out of range, the model has 2 layers",
+            ["--sweep.user_heads", "[[0, 1], [4, 0]]"],
+            r"entry \[4, 0\]: layer 4 is out of range, the model has 4 layers",
         ),
         (
             ["--sweep.user_heads", "['1.4']"],
@@ -143,3 +145,74 @@ def test_previous_head_table_is_validated(tmp_path, no_weights):
     table.write_text(json.dumps([{"layer": 5, "head": 0, "score": 1.0, "z": 2.0, "positional": True}]))
     with pytest.raises(ValueError, match=r"heads.from_results entry \[5, 0\]: layer 5 is out of range"):
         main(_ci(tmp_path, "--tasks", "[perplexity]", "--heads.from_results", str(table)))
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def test_ci_config_end_to_end(tmp_path, one_thread):
+    data = main(_ci(tmp_path))
+    run = tmp_path / "run"
+    on_disk = json.loads((run / "results.json").read_text())
+    assert on_disk == json.loads(json.dumps(data))
+    assert {"protocol", "heads", "perplexity", "passkey", "needle"} <= set(on_disk)
+    assert on_disk["status"] == "complete"
+    proto = on_disk["protocol"]
+    for key in ("model", "dtype", "attn_implementation", "scaling", "corpus", "lengths", "stride", "seeds", "versions"):
+        assert key in proto, key
+    assert proto["versions"]["torch"] and proto["critical_pair"] == 4  # quarter of head_dim 16
+
+    heads = on_disk["heads"]
+    assert len(heads) == 4 * 4 and all({"layer", "head", "score", "z", "positional"} <= set(r) for r in heads)
+    n_pos = sum(r["positional"] for r in heads)
+    assert n_pos == 4  # top 25 % of 16 heads
+
+    names = [c["name"] for c in on_disk["conditions"]]
+    assert names == ["none", "positional", "random@0", "random@1", "random@2", "lowest", "heads", "dims_high", "dims_low"]
+    ppl = on_disk["perplexity"]
+    assert {(r["condition"], r["length"]) for r in ppl} == {(n, L) for n in names for L in (64, 128, 256)}
+    for r in ppl:
+        assert set(r) >= {"condition", "length", "nll", "ppl", "tokens", "documents"}
+        assert r["ppl"] == pytest.approx(2.718281828459045 ** r["nll"]) and r["documents"] == 2
+    for task, lengths, depths in (("passkey", (300, 400), (0.2, 0.8)), ("needle", (320, 400), (0.5,))):
+        rows = on_disk[task]
+        assert {(r["condition"], r["length"], r["depth"]) for r in rows} == {
+            (n, L, d) for n in names for L in lengths for d in depths
+        }
+        assert all(set(r) >= {"condition", "length", "depth", "accuracy", "trials"} for r in rows)
+    trials = (run / "trials.jsonl").read_text().splitlines()
+    assert len(trials) == len(names) * (4 + 2)
+    for png in ("perplexity.png", "passkey.png", "needle.png", "scores_heatmap.png", "hda_curves.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG", png
+    assert (run / "heads.csv").is_file()
+
+
+def test_resume_skips_finished_rows_and_reads_a_previous_table(tmp_path, one_thread, monkeypatch):
+    first = main(_ci(tmp_path, "--tasks", "[heads, perplexity]"))
+    import posheads.eval.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a finished row was computed again")
+
+    monkeypatch.setattr(cli, "evaluate_perplexity", refuse)
+    again = main(_ci(tmp_path, "--tasks", "[heads, perplexity]", "--output.resume", "true"))
+    assert again["perplexity"] == first["perplexity"]
+
+    # a new run reading the first run's head table reproduces its conditions and numbers
+    monkeypatch.undo()
+    other = tmp_path / "other"
+    reused = main(
+        _ci(tmp_path, "--tasks", "[perplexity]", "--heads.from_results", str(tmp_path / "run"), "--output.dir", str(other))
+    )
+    assert reused["conditions"] == first["conditions"]
+    assert reused["heads"] == []
+    by = {(r["condition"], r["length"]): r["nll"] for r in first["perplexity"]}
+    for r in reused["perplexity"]:
+        assert r["nll"] == pytest.approx(by[(r["condition"], r["length"])], rel=1e-9)

@@ -16,7 +16,12 @@ from posheads.heads.capture import SUPPORTED_IMPLEMENTATIONS, WRAPPED_PREFIX, to
 
 ROPES = {
     "default": {"rope_type": "default", "rope_theta": 10000.0},
-    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "rope_theta": 10000.0},
+    "yarn": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32,
+        "rope_theta": 10000.0,
+    },
     "linear": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0},
 }
 
@@ -146,7 +151,10 @@ def test_config_restored_on_exception_and_nesting():
         model(torch.randint(0, 97, (1, 8)))
     assert model.config._attn_implementation == "sdpa"
     seen: list[int] = []
-    with capture_qk(model, layers=[1]) as outer, attention_hooks(model, lambda m, c: seen.append(c.layer_idx)):
+    with (
+        capture_qk(model, layers=[1]) as outer,
+        attention_hooks(model, lambda m, c: seen.append(c.layer_idx)),
+    ):
         assert model.config._attn_implementation == WRAPPED_PREFIX + "sdpa"
         model(torch.randint(0, 97, (1, 8)))
     assert model.config._attn_implementation == "sdpa"
@@ -157,7 +165,10 @@ def test_config_restored_on_exception_and_nesting():
 
 def test_unknown_layer_is_an_error_naming_it():
     model = tiny("sdpa")
-    with pytest.raises(ValueError, match=r"layers=\[5\]"), attention_hooks(model, lambda m, c: None, layers=[5]):
+    with (
+        pytest.raises(ValueError, match=r"layers=\[5\]"),
+        attention_hooks(model, lambda m, c: None, layers=[5]),
+    ):
         pass
 
 
@@ -171,7 +182,11 @@ def test_padding_mask_reaches_the_hook():
         out = model(ids, attention_mask=am).logits
     mask = rec.masks[0]
     assert mask is not None and mask.dtype == torch.bool
-    assert not bool(mask[1, 0, 6, :4].any()) and bool(mask[1, 0, 6, 4:7].all()) and not bool(mask[1, 0, 6, 7:].any())
+    assert (
+        not bool(mask[1, 0, 6, :4].any())
+        and bool(mask[1, 0, 6, 4:7].all())
+        and not bool(mask[1, 0, 6, 7:].any())
+    )
     with torch.no_grad():
         reference = model(ids, attention_mask=am).logits
     assert torch.equal(out, reference)
@@ -183,7 +198,9 @@ def test_capture_through_peft_lora():
     ids = torch.randint(0, 97, (1, 10))
     with torch.no_grad(), capture_qk(model) as plain:
         model(ids)
-    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    lora = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
     with torch.no_grad(), capture_qk(lora) as wrapped:
         lora(input_ids=ids)
     assert lora.get_base_model().config._attn_implementation == "sdpa"

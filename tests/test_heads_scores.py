@@ -121,11 +121,12 @@ def test_scores_equal_direct_correlations(run, null):
         assert got["spearman"] == pytest.approx(sps.spearmanr(bins.numpy(), d["D"].numpy())[0], abs=1e-5)
         r = [wcorr(dist, d["p"][:, i], d["a"]) for i in range(8)]
         direct = per_pair_correlations(stats, weighted=True, distance="linear", null=null)[layer, head]
-        np.testing.assert_allclose(direct.numpy(), r, atol=1e-5)
-        assert got["per_pair_weighted"] == pytest.approx(np.mean(r[3:]) - np.mean(r[:3]), abs=1e-5)
+        # float32 sums within a chunk: per-pair covariances of near-constant shares agree to ~1e-4
+        np.testing.assert_allclose(direct.numpy(), r, atol=1e-4)
+        assert got["per_pair_weighted"] == pytest.approx(np.mean(r[3:]) - np.mean(r[:3]), abs=1e-4)
         r_log = [wcorr(x, d["p"][:, i], ones) for i in range(8)]
         got_log = per_pair_correlations(stats, weighted=False, distance="log", null=null)[layer, head]
-        np.testing.assert_allclose(got_log.numpy(), r_log, atol=1e-5)
+        np.testing.assert_allclose(got_log.numpy(), r_log, atol=1e-4)
 
 
 def test_hda_equals_direct_shares(run):
@@ -141,13 +142,17 @@ def test_hda_equals_direct_shares(run):
                 assert torch.isnan(hard[layer, head, b])
                 continue
             a = d["a"][sel]
-            assert float(hard[layer, head, b]) == pytest.approx(float((a * (d["D"][sel] >= i_c)).sum() / a.sum()), abs=1e-5)
+            assert float(hard[layer, head, b]) == pytest.approx(
+                float((a * (d["D"][sel] >= i_c)).sum() / a.sum()), abs=1e-5
+            )
             high = d["p"][sel][:, i_c:].sum(-1)
             assert float(soft[layer, head, b]) == pytest.approx(float((a * high).sum() / a.sum()), abs=1e-5)
 
 
 def test_hda_extension_area_and_set_average():
-    curves = torch.tensor([[[0.9, 0.8, 0.6, 0.4, 0.55, float("nan")], [0.1, 0.2, 0.3, 0.2, 0.1, 0.0]]], dtype=torch.float64)
+    curves = torch.tensor(
+        [[[0.9, 0.8, 0.6, 0.4, 0.55, float("nan")], [0.1, 0.2, 0.3, 0.2, 0.1, 0.0]]], dtype=torch.float64
+    )
     ext, dist = hda_extension(curves, 0.5)
     assert ext.tolist() == [[4, -1]]
     assert dist.tolist() == [[15, -1]]  # bin 4 holds distances 8..15
@@ -155,7 +160,7 @@ def test_hda_extension_area_and_set_average():
     assert area[0, 0].item() == pytest.approx(0.8 + 0.6 + 0.4 + 0.55)
     assert mean[0, 0].item() == pytest.approx((0.8 + 0.6 + 0.4 + 0.55) / 4)
     mask = torch.tensor([[True, False]])
-    torch.testing.assert_close(set_average(curves, mask), curves[0, 0])
+    torch.testing.assert_close(set_average(curves, mask), curves[0, 0], equal_nan=True)
     assert torch.isnan(set_average(curves, torch.zeros_like(mask))).all()
     with pytest.raises(ValueError, match="tau=1.5"):
         hda_extension(curves, 1.5)

@@ -68,7 +68,9 @@ def brute_force(rec, rows: torch.Tensor, am: torch.Tensor, num_bins: int, null_m
                 soft = (p * ar).sum(-1)
                 delta = (m - keys).double()
                 dnull = null_map[(b, m)][m - keys].double()
-                terms = torch.stack([torch.ones_like(delta), torch.log1p(delta), delta, torch.log1p(dnull), dnull])
+                terms = torch.stack(
+                    [torch.ones_like(delta), torch.log1p(delta), delta, torch.log1p(dnull), dnull]
+                )
                 bins = distance_bin(m - keys, num_bins)
                 bins_null = distance_bin(dnull.long(), num_bins)
                 for w_index, w in ((0, torch.ones_like(a)), (1, a)):
@@ -81,7 +83,9 @@ def brute_force(rec, rows: torch.Tensor, am: torch.Tensor, num_bins: int, null_m
                         out.pp[w_index, layer, h].index_add_(0, bins, wt[:, None] * p[h].square())
                         tp = (wt * terms)[:, :, None] * p[h][None]  # [5, n, P]
                         out.p[w_index, layer, h].index_add_(0, bins, tp.permute(1, 0, 2))
-                        feats = torch.cat([terms, dom[h][None].double(), (soft[h][None] - (pairs - 1) / 2).square()])
+                        feats = torch.cat(
+                            [terms, dom[h][None].double(), (soft[h][None] - (pairs - 1) / 2).square()]
+                        )
                         tf = (wt * terms)[:, None, :] * feats[None]  # [5, 7, n]
                         out.moments[w_index, layer, h].index_add_(0, bins, tf.permute(2, 0, 1))
     return out
@@ -118,10 +122,15 @@ def test_exact_statistics_match_brute_force_with_padding(kv_heads: int):
     reference = brute_force(rec, rows, am, num_bins_for(length), plan.null_map())
     assert_stats_close(collector.stats, reference)
     assert float(collector.stats.rows) == 9.0
-    # the null is a permutation of each row's valid distances
-    for (b, m), null in plan.null_map().items():
-        valid = [d for d in range(m + 1) if am[b, m - d]]
-        assert sorted(null[valid].tolist()) == valid
+    # the null distances of a sequence are a permutation of its pooled valid (row, distance) pairs
+    for b in range(2):
+        pooled, permuted = [], []
+        for (bb, m), null in plan.null_map().items():
+            if bb == b:
+                valid = [d for d in range(m + 1) if am[b, m - d]]
+                pooled += valid
+                permuted += null[valid].tolist()
+        assert sorted(permuted) == sorted(pooled) and permuted != pooled
 
 
 def test_sampled_keys_exact_on_small_bins_and_unbiased():
@@ -143,7 +152,9 @@ def test_sampled_keys_exact_on_small_bins_and_unbiased():
     sampled = runs[0]
     small = 4  # bins 0..3 hold at most ceil(8/2) = 4 keys: enumerated exactly
     for name in ("dom", "g", "pp"):
-        torch.testing.assert_close(getattr(sampled, name)[..., :small, :], getattr(exact, name)[..., :small, :])
+        torch.testing.assert_close(
+            getattr(sampled, name)[..., :small, :], getattr(exact, name)[..., :small, :]
+        )
     pooled = runs[0].clone()
     for other in runs[1:]:
         pooled.merge(other)
@@ -183,7 +194,9 @@ def test_batching_does_not_change_the_sums():
     close = {"rtol": 1e-5, "atol": 1e-5}
     for name in ("dom", "g", "pp"):
         torch.testing.assert_close(getattr(together.stats, name), getattr(merged, name), **close)
-    torch.testing.assert_close(together.stats.p[..., :3, :], merged.p[..., :3, :], **close)  # nulls: other perms
+    torch.testing.assert_close(
+        together.stats.p[..., :3, :], merged.p[..., :3, :], **close
+    )  # nulls: other perms
     torch.testing.assert_close(together.stats.moments[..., :3, :3], merged.moments[..., :3, :3], **close)
     assert float(merged.rows) == 6.0
 
@@ -231,11 +244,15 @@ def _peak_bytes(length: int, keys_per_bin: int | None) -> int:
     q = torch.randn(1, heads, length, d, generator=gen)
     k = torch.randn(1, kv, length, d, generator=gen)
     call = AttentionCall(0, q, k, None, d**-0.5)
-    col = PairStatsCollector(1, heads, d, num_bins_for(length), keys_per_bin=keys_per_bin, chunk_elements=1 << 16)
+    col = PairStatsCollector(
+        1, heads, d, num_bins_for(length), keys_per_bin=keys_per_bin, chunk_elements=1 << 16
+    )
     col.plan = RowPlan(sample_query_rows(torch.ones(1, length, dtype=torch.bool), 16, 0), seed=0)
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         col(None, call)  # type: ignore[arg-type]
-    timeline = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage)
+    timeline = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage
+    )
     current = peak = 0
     for _, change in timeline:
         current += change
@@ -269,7 +286,11 @@ def test_no_double_counting_and_kv_cache_error():
         model(ids)
         model(ids)  # automatic plans: a new forward is a new plan
     assert math.isclose(float(auto.stats.rows), 8.0)
-    with pytest.raises(ValueError, match="full-sequence forward"), torch.no_grad():
-        with attention_hooks(model, collector_for_model(model, 5, keys_per_bin=None)):
-            out = model(ids[:, :8], use_cache=True)
-            model(ids[:, 8:9], cache=out.past_key_values, use_cache=True)
+    collector = collector_for_model(model, 5, keys_per_bin=None)
+    with (
+        pytest.raises(ValueError, match="full-sequence forward"),
+        torch.no_grad(),
+        attention_hooks(model, collector),
+    ):
+        out = model(ids[:, :8], use_cache=True)
+        model(ids[:, 8:9], cache=out.past_key_values, use_cache=True)

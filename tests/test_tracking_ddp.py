@@ -36,14 +36,20 @@ def test_ddp_tracking_equals_single_process(tmp_path, monkeypatch):
     # 5 probe sequences, batch 1: ranks run 3 forwards each (rank 1: 2 sequences + 1 padding forward)
     assert [r["forwards_per_rank"] for r in ranks] == [[3, 3], [3, 3]]
     assert ranks[0]["tracked_heads"] == ranks[1]["tracked_heads"] and ranks[0]["probe_names"] == ranks[1]["probe_names"]
-    assert "[tracking] efficiency" in proc.stdout and proc.stdout.count("[tracking] efficiency") == 1  # rank 0 only
+    output = proc.stdout + proc.stderr
+    assert output.count("[tracking] efficiency") == 1 and output.count("[tracking] step 0:") == 1  # rank 0 only
 
     import ddp_tracking
 
     monkeypatch.setattr(sys, "argv", ["train.py"])
     single_dir = tmp_path / "single"
     single_dir.mkdir()
-    ddp_tracking.run(single_dir, 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the ranks (OMP_NUM_THREADS=1): the same float32 kernels, bit for bit
+    try:
+        ddp_tracking.run(single_dir, 1)
+    finally:
+        torch.set_num_threads(threads)
 
     ddp_run, single_run = ddp_dir / "track2" / "tracking", single_dir / "track1" / "tracking"
     ddp_stats = torch.load(ddp_run / "stats_step000000.pt", weights_only=True)

@@ -5,6 +5,7 @@ runs record the logged keys."""
 from __future__ import annotations
 
 import csv
+import math
 import json
 import sys
 from pathlib import Path
@@ -156,3 +157,38 @@ def test_wandb_offline_run_records_the_logged_keys(monkeypatch, tmp_path):
     config_keys = {item.key for r in records if r.WhichOneof("record_type") == "config" for item in r.config.update}
     assert {"config", "target_length", "lm", "rope"} <= config_keys
     assert (run_dir / "wandb_run_id.txt").read_text().strip() == run.run_id
+
+
+@pytest.mark.parametrize(
+    ("precision", "lm_options"),
+    [("bf16-mixed", {"gradient_checkpointing": True}), ("32-true", {"gradient_checkpointing": True, "lora": {"r": 4}})],
+    ids=["bf16-mixed+checkpointing", "fp32+checkpointing+lora"],
+)
+def test_precision_checkpointing_and_accumulation_options_train(tmp_path, precision, lm_options):
+    import lightning as L
+
+    from posheads.data import CorpusConfig
+    from posheads.lit import LengthExtensionDataModule, LengthExtensionModule, OptimConfig
+    from posheads.models import TinySpec
+    from posheads.rope import RopeScaling
+    from train_helpers import TINY_SPEC
+
+    module = LengthExtensionModule(
+        64,
+        lm=ModelConfig(name_or_path="tiny", tiny=TinySpec(**TINY_SPEC), **lm_options),
+        rope=RopeScaling(method="linear", factor=2.0),
+        optim=OptimConfig(lr=3e-3, total_steps=3),
+    )
+    assert module.model.is_gradient_checkpointing
+    data = LengthExtensionDataModule(CorpusConfig(kind="pydoc", max_documents=20), batch_size=2, val_windows=2, cache_dir="")
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, precision=precision, max_steps=3, accumulate_grad_batches=2, gradient_clip_val=0.5,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        use_distributed_sampler=False, val_check_interval=6, default_root_dir=tmp_path,
+    )
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    trainer.fit(module, datamodule=data)
+    assert trainer.global_step == 3 and module._tokens_seen == 3 * 2 * 2 * 64  # 2 batches accumulated per step
+    assert all(not torch.equal(before[n], p) for n, p in module.named_parameters() if p.requires_grad)
+    metrics = trainer.callback_metrics
+    assert math.isfinite(float(metrics["train/loss"])) and math.isfinite(float(metrics["val/ppl_64"]))

@@ -231,7 +231,7 @@ def prepare(cfg: EvalConfig) -> Prepared:
     table = None
     if cfg.sweep.needs_positional and "heads" not in cfg.tasks and cfg.heads.from_results:
         table = read_head_table(cfg.heads.from_results)
-        validate_heads([(r["layer"], r["head"]) for r in table], shape, option="heads.from_results")
+        validate_heads([[r["layer"], r["head"]] for r in table], shape, option="heads.from_results")
     tokenizer = load_tokenizer(cfg.model)
     docs: list[TokenizedDocument] = []
     if {"heads", "perplexity"}.intersection(cfg.tasks) or (

@@ -20,8 +20,12 @@ from posheads.heads.scores import SCORE_VARIANTS
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m posheads.heads", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2 (offline default), tiny, a directory or a hub id")
-    p.add_argument("--corpus", default="stdlib", help="corpus kind for posheads.data.CorpusConfig (default stdlib)")
+    p.add_argument(
+        "--model", default="smollm2", help="smollm2 (offline default), tiny, a directory or a hub id"
+    )
+    p.add_argument(
+        "--corpus", default="stdlib", help="corpus kind for posheads.data.CorpusConfig (default stdlib)"
+    )
     p.add_argument("--length", type=int, default=2048, help="tokens per probe sequence")
     p.add_argument("--documents", type=int, default=8, help="number of probe documents (one window each)")
     p.add_argument("--out", required=True, help="output directory (heads.csv, analysis.json, stats.pt, PNGs)")
@@ -44,7 +48,9 @@ def load_sequences(tokenizer, corpus: str, length: int, documents: int) -> tuple
 
     docs = select_min_length(load_token_documents(CorpusConfig(kind=corpus), tokenizer), length)
     if len(docs) < documents:
-        raise ValueError(f"--documents={documents}: only {len(docs)} {corpus} documents have >= {length} tokens")
+        raise ValueError(
+            f"--documents={documents}: only {len(docs)} {corpus} documents have >= {length} tokens"
+        )
     docs = docs[:documents]
     return torch.stack([d.ids[:length] for d in docs]), [d.name for d in docs]
 
@@ -70,12 +76,26 @@ def main(argv: list[str] | None = None) -> None:
     sequences, names = load_sequences(tokenizer, args.corpus, args.length, args.documents)
     started = time.perf_counter()
     analysis = identify_positional_heads(model, sequences, cfg)
-    analysis.meta.update({"model": model_cfg.describe(), "documents": names, "seconds": time.perf_counter() - started})
+    analysis.meta.update(
+        {"model": model_cfg.describe(), "documents": names, "seconds": time.perf_counter() - started}
+    )
     paths = analysis.save(args.out, plots=not args.no_plots)
     summary = analysis.summary()
-    keys = ("score", "i_c", "score_min", "score_median", "score_max", "null_mean", "null_sd", "positional_heads", "per_layer_counts")
+    keys = (
+        "score",
+        "i_c",
+        "score_min",
+        "score_median",
+        "score_max",
+        "null_mean",
+        "null_sd",
+        "positional_heads",
+        "per_layer_counts",
+    )
     print(json.dumps({k: summary[k] for k in keys}, indent=1))
-    print(json.dumps({"hda_positional": summary["hda_positional"], "hda_other": summary["hda_other"]}, indent=1))
+    print(
+        json.dumps({"hda_positional": summary["hda_positional"], "hda_other": summary["hda_other"]}, indent=1)
+    )
     print("wrote", ", ".join(str(p) for p in paths.values()))
 
 

@@ -80,6 +80,14 @@ def head_mask(heads: HeadSpec, num_layers: int, num_heads: int) -> torch.Tensor 
     return mask if bool(mask.any()) else None
 
 
+def _ablated_layers(mask: torch.Tensor) -> list[int]:
+    """Layers with at least one ablated head (in any row)."""
+    per_layer = mask.any(-1)  # [L] or [B, L]
+    if per_layer.dim() == 2:
+        per_layer = per_layer.any(0)
+    return per_layer.nonzero().flatten().tolist()
+
+
 def _layer_rows(mask: torch.Tensor, layer: int, batch: int, device: Any) -> torch.Tensor:
     """``[B or 1, H]`` boolean mask of one layer, checked against the forward's batch size."""
     m = mask[layer].unsqueeze(0) if mask.dim() == 2 else mask[:, layer]
@@ -109,17 +117,21 @@ def ablate_heads(
         if means is None:
             raise ValueError("ablation mode='mean' needs means (see posheads.heads.head_means)")
         if tuple(means.shape) != (n_layers, n_heads, head_dim):
-            raise ValueError(f"means has shape {tuple(means.shape)}, expected [{n_layers}, {n_heads}, {head_dim}]")
+            raise ValueError(
+                f"means has shape {tuple(means.shape)}, expected [{n_layers}, {n_heads}, {head_dim}]"
+            )
     if mask is None:
         yield None
         return
     modules = attention_modules(model)
     handles = []
-    layers = mask.any(0).nonzero().flatten().tolist() if mask.dim() == 3 else mask.any(1).nonzero().flatten().tolist()
+    layers = _ablated_layers(mask)
     try:
         for layer in layers:
             handles.append(
-                modules[layer].o_proj.register_forward_pre_hook(_HeadHook(mask, layer, n_heads, head_dim, mode, means))
+                modules[layer].o_proj.register_forward_pre_hook(
+                    _HeadHook(mask, layer, n_heads, head_dim, mode, means)
+                )
             )
         yield mask
     finally:
@@ -129,7 +141,13 @@ def ablate_heads(
 
 class _HeadHook:
     def __init__(
-        self, mask: torch.Tensor, layer: int, n_heads: int, head_dim: int, mode: str, means: torch.Tensor | None
+        self,
+        mask: torch.Tensor,
+        layer: int,
+        n_heads: int,
+        head_dim: int,
+        mode: str,
+        means: torch.Tensor | None,
     ) -> None:
         self.mask, self.layer, self.n_heads, self.head_dim = mask, layer, n_heads, head_dim
         self.replacement = None if mode == "zero" else means[layer]  # [H, d]  # type: ignore[index]
@@ -198,7 +216,7 @@ def ablate_dimensions(
         yield None
         return
     keep = _kept_components(head_dim, i_c, side, layout)
-    layers = mask.any(0).nonzero().flatten().tolist() if mask.dim() == 3 else mask.any(1).nonzero().flatten().tolist()
+    layers = _ablated_layers(mask)
     hooks = {layer: _DimensionHook(mask, layer, keep) for layer in layers}
     with attention_hooks(model, hooks):
         yield mask

@@ -342,7 +342,9 @@ class QKRecorder:
     def __call__(self, module: nn.Module, call: AttentionCall) -> None:
         self.queries[call.layer_idx] = call.query.detach().clone()
         self.keys[call.layer_idx] = call.key.detach().clone()
-        self.masks[call.layer_idx] = None if call.attention_mask is None else call.attention_mask.detach().clone()
+        self.masks[call.layer_idx] = (
+            None if call.attention_mask is None else call.attention_mask.detach().clone()
+        )
         self.scalings[call.layer_idx] = call.scaling
 
 

@@ -76,10 +76,16 @@ class HeadsConfig:
         if self.score not in SCORE_VARIANTS:
             raise ValueError(f"heads.score={self.score!r} is not one of {list(SCORE_VARIANTS)}")
         if self.per_pair_distance not in PER_PAIR_DISTANCES:
-            raise ValueError(f"heads.per_pair_distance={self.per_pair_distance!r} is not one of {list(PER_PAIR_DISTANCES)}")
+            raise ValueError(
+                f"heads.per_pair_distance={self.per_pair_distance!r} is not one of {list(PER_PAIR_DISTANCES)}"
+            )
         if self.top_fraction is None and self.z_threshold is None:
-            raise ValueError("heads.top_fraction=None and heads.z_threshold=None: set at least one selection rule")
-        if self.top_fraction is not None and not (isinstance(self.top_fraction, (int, float)) and 0 < self.top_fraction <= 1):
+            raise ValueError(
+                "heads.top_fraction=None and heads.z_threshold=None: set at least one selection rule"
+            )
+        if self.top_fraction is not None and not (
+            isinstance(self.top_fraction, (int, float)) and 0 < self.top_fraction <= 1
+        ):
             raise ValueError(f"heads.top_fraction={self.top_fraction!r} must be in (0, 1]")
         if self.z_threshold is not None and not isinstance(self.z_threshold, (int, float)):
             raise ValueError(f"heads.z_threshold={self.z_threshold!r} must be a number")
@@ -90,7 +96,9 @@ class HeadsConfig:
         if isinstance(self.critical, bool) or not (
             self.critical in CRITICAL_RULES or (isinstance(self.critical, int) and self.critical >= 0)
         ):
-            raise ValueError(f"heads.critical={self.critical!r} is not one of {list(CRITICAL_RULES)} or a pair index >= 0")
+            raise ValueError(
+                f"heads.critical={self.critical!r} is not one of {list(CRITICAL_RULES)} or a pair index >= 0"
+            )
         positive_int("original_context", allow_none=True)
         if self.hda_variant not in HDA_VARIANTS:
             raise ValueError(f"heads.hda_variant={self.hda_variant!r} is not one of {list(HDA_VARIANTS)}")
@@ -103,7 +111,9 @@ class HeadsConfig:
         if self.profile_head is not None:
             ph = tuple(self.profile_head)
             if len(ph) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in ph):
-                raise ValueError(f"heads.profile_head={self.profile_head!r} must be a (layer, head) pair of ints")
+                raise ValueError(
+                    f"heads.profile_head={self.profile_head!r} must be a (layer, head) pair of ints"
+                )
             self.profile_head = (int(ph[0]), int(ph[1]))
 
     def validate_for(self, num_layers: int, num_heads: int, head_dim: int) -> None:
@@ -111,11 +121,17 @@ class HeadsConfig:
         if self.profile_head is not None:
             layer, head = self.profile_head
             if not 0 <= layer < num_layers:
-                raise ValueError(f"heads.profile_head={self.profile_head!r}: layer {layer} out of range 0..{num_layers - 1}")
+                raise ValueError(
+                    f"heads.profile_head={self.profile_head!r}: layer {layer} out of range 0..{num_layers - 1}"
+                )
             if not 0 <= head < num_heads:
-                raise ValueError(f"heads.profile_head={self.profile_head!r}: head {head} out of range 0..{num_heads - 1}")
+                raise ValueError(
+                    f"heads.profile_head={self.profile_head!r}: head {head} out of range 0..{num_heads - 1}"
+                )
         if isinstance(self.critical, int) and self.critical > head_dim // 2:
-            raise ValueError(f"heads.critical={self.critical} exceeds the number of RoPE pairs {head_dim // 2}")
+            raise ValueError(
+                f"heads.critical={self.critical} exceeds the number of RoPE pairs {head_dim // 2}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

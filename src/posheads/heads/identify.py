@@ -28,7 +28,14 @@ from posheads.heads.scores import (
     select_heads,
     zscores,
 )
-from posheads.heads.stats import PairStats, RowPlan, bin_edges, collector_for_model, num_bins_for, sample_query_rows
+from posheads.heads.stats import (
+    PairStats,
+    RowPlan,
+    bin_edges,
+    collector_for_model,
+    num_bins_for,
+    sample_query_rows,
+)
 
 __all__ = ["HeadAnalysis", "analyze", "identify_positional_heads"]
 
@@ -99,7 +106,9 @@ class HeadAnalysis:
 
     def table(self) -> list[dict[str, Any]]:
         """One row per head: layer, head, score, null, excess, z, positional, rank, HDA summaries, extras."""
-        order = torch.argsort(torch.nan_to_num(self.excess, nan=float("-inf")).flatten(), descending=True, stable=True)
+        order = torch.argsort(
+            torch.nan_to_num(self.excess, nan=float("-inf")).flatten(), descending=True, stable=True
+        )
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel())
         rows = []
@@ -159,9 +168,15 @@ class HeadAnalysis:
             writer.writerows(rows)
         payload = self.summary()
         payload["heads"] = rows
-        payload["hda_curves"] = [[_floats(self.hda[layer, head]) for head in range(self.num_heads)] for layer in range(self.num_layers)]
+        payload["hda_curves"] = [
+            [_floats(self.hda[layer, head]) for head in range(self.num_heads)]
+            for layer in range(self.num_layers)
+        ]
         paths["json"].write_text(json.dumps(payload, indent=1, allow_nan=False, default=str))
-        torch.save({"stats": self.stats.state_dict(), "config": self.config.to_dict(), "meta": self.meta}, paths["stats"])
+        torch.save(
+            {"stats": self.stats.state_dict(), "config": self.config.to_dict(), "meta": self.meta},
+            paths["stats"],
+        )
         if plots:
             from posheads.heads.plots import save_all_plots
 
@@ -252,10 +267,14 @@ def identify_positional_heads(
     if sequences.dim() != 2:
         raise ValueError(f"sequences must be [N, L], got shape {tuple(sequences.shape)}")
     if attention_mask is not None and attention_mask.shape != sequences.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, sequences {tuple(sequences.shape)}")
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, sequences {tuple(sequences.shape)}"
+        )
     modules = attention_modules(model)
     first = next(iter(modules.values()))
-    head_dim = int(getattr(first, "head_dim", 0) or first.config.hidden_size // first.config.num_attention_heads)
+    head_dim = int(
+        getattr(first, "head_dim", 0) or first.config.hidden_size // first.config.num_attention_heads
+    )
     cfg.validate_for(max(modules) + 1, int(first.config.num_attention_heads), head_dim)
     n_seq, length = sequences.shape
     num_bins = cfg.num_bins or num_bins_for(length)
@@ -283,10 +302,16 @@ def identify_positional_heads(
         with attention_hooks(model, collector):
             for start in starts:
                 ids = sequences[start : start + cfg.batch_size].to(device)
-                am = None if attention_mask is None else attention_mask[start : start + cfg.batch_size].to(device)
+                am = (
+                    None
+                    if attention_mask is None
+                    else attention_mask[start : start + cfg.batch_size].to(device)
+                )
                 valid = torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
                 seeds = [cfg.seed * 1_000_003 + start + j for j in range(ids.shape[0])]
-                collector.plan = RowPlan(sample_query_rows(valid.cpu(), cfg.rows_per_sequence, seeds), seed=seeds[0])
+                collector.plan = RowPlan(
+                    sample_query_rows(valid.cpu(), cfg.rows_per_sequence, seeds), seed=seeds[0]
+                )
                 decoder(input_ids=ids, attention_mask=am)
     finally:
         model.train(was_training)

@@ -33,7 +33,9 @@ def plot_score_heatmap(analysis: HeadAnalysis, path: str | Path) -> Path:
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * analysis.num_heads, 1.0 + 0.28 * analysis.num_layers))
     im = ax.imshow(values, aspect="auto", cmap="viridis", origin="lower")
     for layer, head in analysis.positional_heads():
-        ax.add_patch(plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5))
+        ax.add_patch(
+            plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5)
+        )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     ax.set_title(f"{analysis.config.score}: score - null (red: Positional Heads)", fontsize=9)
@@ -87,7 +89,9 @@ def plot_pair_profile(analysis: HeadAnalysis, path: str | Path, head: tuple[int,
         head = (idx // analysis.num_heads, idx % analysis.num_heads)
     layer, h = head
     if not (0 <= layer < analysis.num_layers and 0 <= h < analysis.num_heads):
-        raise ValueError(f"profile head {head} out of range [{analysis.num_layers} layers, {analysis.num_heads} heads]")
+        raise ValueError(
+            f"profile head {head} out of range [{analysis.num_layers} layers, {analysis.num_heads} heads]"
+        )
     st = analysis.stats
     mass = st.moments[1, layer, h, :, 0, 0].clamp(min=1e-30)  # [NB]
     mean_g = (st.g[1, layer, h] / mass.unsqueeze(-1)).T.numpy()  # [P, NB]
@@ -102,7 +106,9 @@ def plot_pair_profile(analysis: HeadAnalysis, path: str | Path, head: tuple[int,
             im = ax.imshow(data, aspect="auto", origin="lower", cmap=cmap, vmin=-lim, vmax=lim)
         else:
             im = ax.imshow(data, aspect="auto", origin="lower", cmap=cmap, vmin=0, vmax=1)
-        ax.axhline(analysis.i_c - 0.5, color="white" if cmap == "magma" else "black", linewidth=1, linestyle="--")
+        ax.axhline(
+            analysis.i_c - 0.5, color="white" if cmap == "magma" else "black", linewidth=1, linestyle="--"
+        )
         ax.set_xticks(range(data.shape[1]))
         ax.set_xticklabels(_bin_labels(analysis), rotation=45, fontsize=7)
         ax.set_xlabel("distance (bin start, tokens)")

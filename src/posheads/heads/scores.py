@@ -66,7 +66,14 @@ PER_PAIR_DISTANCES = ("linear", "log")
 _ONE, _X, _DELTA, _XN, _DN, _D, _S2 = 0, 1, 2, 3, 4, 5, 6
 
 
-def _corr(s: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor, sxx: torch.Tensor, syy: torch.Tensor, sxy: torch.Tensor):
+def _corr(
+    s: torch.Tensor,
+    sx: torch.Tensor,
+    sy: torch.Tensor,
+    sxx: torch.Tensor,
+    syy: torch.Tensor,
+    sxy: torch.Tensor,
+):
     """Weighted Pearson correlation from sums (NaN where a variance vanishes)."""
     cov = s * sxy - sx * sy
     var = (s * sxx - sx * sx).clamp(min=0) * (s * syy - sy * sy).clamp(min=0)
@@ -132,7 +139,11 @@ def _spearman(stats: PairStats, w: int, null: bool) -> torch.Tensor:
 
 
 def per_pair_correlations(
-    stats: PairStats, weighted: bool = True, distance: str = "linear", null: bool = False, bins: slice | None = None
+    stats: PairStats,
+    weighted: bool = True,
+    distance: str = "linear",
+    null: bool = False,
+    bins: slice | None = None,
 ) -> torch.Tensor:
     """``r_{h,i} = corr(t, p_i)`` for every (layer, head, pair): ``[NL, H, P]`` (``t = delta`` or ``log(1+delta)``).
 
@@ -142,7 +153,9 @@ def per_pair_correlations(
         raise ValueError(f"per_pair_distance={distance!r} is not one of {list(PER_PAIR_DISTANCES)}")
     stats = _select_bins(stats, bins)
     w = 1 if weighted else 0
-    t = {("linear", False): _DELTA, ("log", False): _X, ("linear", True): _DN, ("log", True): _XN}[(distance, null)]
+    t = {("linear", False): _DELTA, ("log", False): _X, ("linear", True): _DN, ("log", True): _XN}[
+        (distance, null)
+    ]
     m = stats.moments[w].sum(2)  # [NL, H, 5, 7]
     p = stats.p[w].sum(2)  # [NL, H, 5, P]
     pp = stats.pp[w].sum(2)  # [NL, H, P]
@@ -150,7 +163,9 @@ def per_pair_correlations(
     def u(x: torch.Tensor) -> torch.Tensor:
         return x.unsqueeze(-1)
 
-    return _corr(u(m[..., _ONE, _ONE]), u(m[..., _ONE, t]), p[..., _ONE, :], u(m[..., t, t]), pp, p[..., t, :])
+    return _corr(
+        u(m[..., _ONE, _ONE]), u(m[..., _ONE, t]), p[..., _ONE, :], u(m[..., t, t]), pp, p[..., t, :]
+    )
 
 
 def positional_scores(
@@ -252,7 +267,9 @@ def head_set(mask: torch.Tensor) -> list[tuple[int, int]]:
     return [(int(layer), int(head)) for layer, head in mask.nonzero().tolist()]
 
 
-def per_layer_counts(mask_or_heads: torch.Tensor | Iterable[tuple[int, int]], num_layers: int | None = None) -> list[int]:
+def per_layer_counts(
+    mask_or_heads: torch.Tensor | Iterable[tuple[int, int]], num_layers: int | None = None
+) -> list[int]:
     """Number of selected heads in every layer."""
     if isinstance(mask_or_heads, torch.Tensor):
         return [int(x) for x in mask_or_heads.sum(-1).tolist()]
@@ -264,7 +281,9 @@ def per_layer_counts(mask_or_heads: torch.Tensor | Iterable[tuple[int, int]], nu
     return counts
 
 
-def jaccard(a: torch.Tensor | Sequence[tuple[int, int]], b: torch.Tensor | Sequence[tuple[int, int]]) -> float:
+def jaccard(
+    a: torch.Tensor | Sequence[tuple[int, int]], b: torch.Tensor | Sequence[tuple[int, int]]
+) -> float:
     """Jaccard overlap ``|A & B| / |A | B|`` of two head sets (masks or (layer, head) lists); 1.0 if both empty."""
     sa = set(head_set(a)) if isinstance(a, torch.Tensor) else {tuple(x) for x in a}
     sb = set(head_set(b)) if isinstance(b, torch.Tensor) else {tuple(x) for x in b}

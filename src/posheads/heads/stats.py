@@ -15,10 +15,13 @@ depend on how it was batched or sharded.
 **Distance bins.** Bin 0 holds ``delta = 0``, bin ``b >= 1`` holds ``2^(b-1) <= delta < 2^b``; the last bin
 also collects every larger distance.
 
-**Permuted-position null.** For each sampled query row the valid key positions are permuted (seeded);
-``delta'`` is the distance of the key that takes the place of ``n``. The null sums use ``delta'`` in place of
-``delta`` with the same ``D``, ``p`` and ``a``, which keeps each row's distance distribution and the
-attention pattern but breaks the link between distance and pair allocation.
+**Permuted-position null.** The distances of all valid (query, key) pairs of the sampled rows of one sequence
+are permuted among themselves (seeded): pair ``(m, n)`` gets the distance ``delta'`` of a random other pair of
+the same sequence. The null sums use ``delta'`` in place of ``delta`` with the same ``D``, ``p`` and ``a``,
+which keeps the sequence's distance distribution and the attention pattern but makes ``delta'`` independent of
+the pair allocation, so every null correlation has expectation 0. (Permuting only within each query row
+would keep the between-row association -- rows late in the sequence have both longer distances and, for a
+positional head, higher pairs -- and give a positional head a clearly positive null.)
 
 **Sampling and cost.** Query rows are sampled (stratified over each sequence, seeded: :func:`sample_query_rows`);
 each row's full logit row ``q~_m . K~[:m+1]`` gives the exact attention probabilities. Keys are taken either
@@ -159,7 +162,9 @@ class PairStats:
         for name, t in self.tensors().items():
             o = getattr(other, name)
             if t.shape != o.shape:
-                raise ValueError(f"cannot merge PairStats: {name} has shape {tuple(t.shape)} vs {tuple(o.shape)}")
+                raise ValueError(
+                    f"cannot merge PairStats: {name} has shape {tuple(t.shape)} vs {tuple(o.shape)}"
+                )
 
     def merge(self, other: PairStats) -> PairStats:
         """In-place sum (returns ``self``)."""
@@ -371,8 +376,15 @@ class PairStatsCollector:
 
     def reset(self) -> PairStats:
         """Return the accumulated statistics and start from zero."""
-        out, self.stats = self.stats, PairStats.zeros(
-            self.stats.num_layers, self.num_heads, self.num_bins, self.num_pairs, device=self.stats.dom.device
+        out, self.stats = (
+            self.stats,
+            PairStats.zeros(
+                self.stats.num_layers,
+                self.num_heads,
+                self.num_bins,
+                self.num_pairs,
+                device=self.stats.dom.device,
+            ),
         )
         return out
 
@@ -416,7 +428,9 @@ class PairStatsCollector:
         device = call.query.device
         bsz, n_heads, seq, _ = call.query.shape
         if n_heads != self.num_heads:
-            raise ValueError(f"layer {call.layer_idx} has {n_heads} heads, the collector expects {self.num_heads}")
+            raise ValueError(
+                f"layer {call.layer_idx} has {n_heads} heads, the collector expects {self.num_heads}"
+            )
         rows = plan.rows.to(device)
         if rows.shape[0] != bsz:
             raise ValueError(f"plan.rows has batch {rows.shape[0]}, the forward has batch {bsz}")
@@ -452,23 +466,39 @@ class PairStatsCollector:
             a_delta[:, sel] = probs.gather(2, n_idx[sel].unsqueeze(0).expand(n_heads, -1, -1))
         valid_f = valid_delta.float()
         a_delta.mul_(valid_f)  # zero outside the row's keys (also clears NaN-free garbage of clamped n)
-        null_delta = self._null_deltas(plan, valid_delta)
+        null_delta = self._null_deltas(plan, valid_delta, b_idx)
         plan._null["rows"] = (b_idx.tolist(), pos.tolist())
         return _Rows(b_idx, pos, q_rows, a_delta, valid_f, null_delta)
 
     @staticmethod
-    def _null_deltas(plan: RowPlan, valid_delta: torch.Tensor) -> torch.Tensor:
-        """``[N, Lmax]``: a seeded random bijection of each row's valid distances (the same for every layer)."""
+    def _null_deltas(plan: RowPlan, valid_delta: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
+        """``[N, Lmax]``: the permuted distance ``delta'`` of every (sampled row, distance) pair.
+
+        The distances of all valid (query, key) pairs of the sampled rows of one sequence are randomly
+        permuted among themselves (seeded; the same for every layer), so ``delta'`` is independent of the
+        pair's dominant pair and attention while keeping the sequence's distance distribution.
+        """
         cached = plan._null.get("null")
-        if cached is not None and plan._null["valid"].shape == valid_delta.shape:
-            if bool((plan._null["valid"] == valid_delta).all()):
-                return cached
+        previous = plan._null.get("valid")
+        if (
+            cached is not None
+            and previous.shape == valid_delta.shape
+            and bool((previous == valid_delta).all())
+        ):
+            return cached
         gen = torch.Generator().manual_seed(int(plan.seed) + 104729)
+        l_max = valid_delta.shape[1]
         noise = torch.rand(valid_delta.shape, generator=gen, dtype=torch.float64).to(valid_delta.device)
-        noise.masked_fill_(~valid_delta, float("inf"))
-        shuffled = torch.argsort(noise, dim=1)  # valid distances first, in random order
-        rank = (valid_delta.long().cumsum(1) - 1).clamp(min=0)  # rank of each valid distance among valid ones
-        null = torch.where(valid_delta, shuffled.gather(1, rank), torch.zeros_like(shuffled))  # delta -> delta'
+        null = torch.zeros(valid_delta.shape, dtype=torch.long, device=valid_delta.device)
+        for b in torch.unique(b_idx).tolist():
+            sel = (b_idx == b).nonzero().flatten()
+            valid = valid_delta[sel].flatten()  # [Nb * Lmax]
+            order = torch.argsort(noise[sel].flatten().masked_fill(~valid, float("inf")))  # valid pairs first
+            rank = (valid.long().cumsum(0) - 1).clamp(min=0)  # rank of each valid pair among the valid ones
+            partner = order[rank]  # the pair whose distance this pair takes
+            null[sel] = torch.where(valid, partner % l_max, torch.zeros_like(partner)).view(
+                sel.numel(), l_max
+            )
         plan._null.update(null=null, valid=valid_delta)
         return null
 
@@ -557,7 +587,9 @@ class PairStatsCollector:
         cum_a, base_a, a_b = cumulative(a)  # a_b [H, N, nb]
         exact_bin = size <= c_u  # [nb]
         rate_u = (c_u / n_b.clamp(min=1)).permute(0, 2, 1).unsqueeze(-1)  # [1, nb, N, 1]
-        rate_a = torch.where(a_b > 0, c_a / a_b.clamp(min=1e-30), 0.0).permute(0, 2, 1).unsqueeze(-1)  # [H,nb,N,1]
+        rate_a = (
+            torch.where(a_b > 0, c_a / a_b.clamp(min=1e-30), 0.0).permute(0, 2, 1).unsqueeze(-1)
+        )  # [H,nb,N,1]
 
         def weights(delta: torch.Tensor, exact: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             """Horvitz-Thompson weights of the slots ``delta [X, nb, N, k]`` -> ``w_u, w_a [H, nb, N, k]``."""
@@ -592,7 +624,9 @@ class PairStatsCollector:
             drawn = self._draw_range(cum_a, base_a, a_b, lo, hi, sel, c_a, gen)  # [H, nbA, N, c_a]
             w_u, w_a = weights(drawn, None)
             void = (a_b[..., sel] > 0).permute(0, 2, 1).unsqueeze(-1)  # attention draws need attention mass
-            blocks.append(_Block(delta=drawn, w_u=w_u * void, w_a=w_a * void, first_bin=present[first_large][0]))
+            blocks.append(
+                _Block(delta=drawn, w_u=w_u * void, w_a=w_a * void, first_bin=present[first_large][0])
+            )
         return blocks
 
     @staticmethod
@@ -629,11 +663,21 @@ class PairStatsCollector:
         for r0 in range(r_start, n_rows, chunk):
             r1 = min(n_rows, r0 + chunk)
             # bins beyond the chunk's largest position hold no key of its rows
-            nbc = sum(1 for b in range(block.first_bin, block.first_bin + nb) if edges[b][0] <= pos_cpu[r1 - 1])
+            nbc = sum(
+                1 for b in range(block.first_bin, block.first_bin + nb) if edges[b][0] <= pos_cpu[r1 - 1]
+            )
             self._chunk(sums, rows, k_flat, seq, block, r0, r1, nbc)
 
     def _chunk(
-        self, sums: _LayerSums, rows: _Rows, k_flat: torch.Tensor, seq: int, block: _Block, r0: int, r1: int, nbc: int
+        self,
+        sums: _LayerSums,
+        rows: _Rows,
+        k_flat: torch.Tensor,
+        seq: int,
+        block: _Block,
+        r0: int,
+        r1: int,
+        nbc: int,
     ) -> None:
         h_all, p_dim, n_bins = self.num_heads, self.num_pairs, self.num_bins
         n_kv, bl, d = k_flat.shape
@@ -676,14 +720,18 @@ class PairStatsCollector:
         wmat = torch.stack(wrows, dim=2).reshape(h_all * nb, 2 * len(DIST_TERMS), nr * c)
         ones = torch.ones((), device=device).expand(shape)
         dom_f = dom.view(shape).float()
-        feats = torch.stack([ones, *(t.expand(shape) for t in terms), dom_f, soft.view(shape).square()], dim=-1)
+        feats = torch.stack(
+            [ones, *(t.expand(shape) for t in terms), dom_f, soft.view(shape).square()], dim=-1
+        )
         feats = feats.reshape(h_all * nb, nr * c, len(FEATURE_TERMS))  # [H*nb, Nr*c, 7]
         n_t = len(DIST_TERMS)
         b0, b1 = block.first_bin, block.first_bin + nb
         sums.p[:, :, b0:b1] += torch.bmm(wmat, p).view(h_all, nb, n_t, 2, p_dim).permute(3, 0, 1, 2, 4)
         sums.moments[:, :, b0:b1] += torch.bmm(wmat, feats).view(h_all, nb, n_t, 2, -1).permute(3, 0, 1, 2, 4)
         sums.g[:, :, b0:b1] += torch.bmm(wmat[:, :2], g).view(h_all, nb, 2, p_dim).permute(2, 0, 1, 3)
-        sums.pp[:, :, b0:b1] += torch.bmm(wmat[:, :2], p.square()).view(h_all, nb, 2, p_dim).permute(2, 0, 1, 3)
+        sums.pp[:, :, b0:b1] += (
+            torch.bmm(wmat[:, :2], p.square()).view(h_all, nb, 2, p_dim).permute(2, 0, 1, 3)
+        )
         # dominant-pair histograms: by the true bin and by the permuted distance's bin
         head = torch.arange(h_all, device=device).view(h_all, 1, 1, 1)
         bins_true = torch.arange(b0, b1, device=device).view(1, nb, 1, 1)

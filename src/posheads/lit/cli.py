@@ -122,6 +122,9 @@ class PosheadsCLI(LightningCLI):
         threads = self.config["run"].get("torch_threads")
         if threads is not None and not self.parse_only:
             torch.set_num_threads(int(threads))
+            # Lightning's DDP launchers set OMP_NUM_THREADS (and the thread count) unless it is already set;
+            # spawned processes inherit it
+            os.environ["OMP_NUM_THREADS"] = str(int(threads))
 
     def instantiate_classes(self) -> None:
         if self.parse_only:

@@ -70,7 +70,10 @@ class OptimConfig:
         min_lr_ratio: final learning rate as a fraction of ``lr`` (cosine and linear).
         total_steps: optimizer steps the schedule spans; ``None`` = the trainer's estimate
             (``trainer.max_steps``, or epochs x batches / accumulation).
-        fused: use the fused AdamW kernel; ``None`` = when the parameters' device supports it.
+        fused: use the fused AdamW kernel; ``None`` = when the parameters' device supports it and the
+            precision is not mixed (Lightning's mixed-precision plugin cannot clip gradients of a fused optimizer).
+
+    On resume (``--ckpt_path``) the schedule saved in the checkpoint continues unchanged.
     """
 
     lr: float = 2e-5

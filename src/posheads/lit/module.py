@@ -340,7 +340,11 @@ class LengthExtensionModule(L.LightningModule):
     # ------------------------------------------------------------------------------------ optimisation
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.named_parameters(), self.optim)
+        optim = self.optim
+        if optim.fused is None and "mixed" in str(self.trainer.precision):
+            # Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer
+            optim = dataclasses.replace(optim, fused=False)
+        optimizer = build_optimizer(self.named_parameters(), optim)
         total = self.optim.total_steps
         if total is None:
             estimate = self.trainer.estimated_stepping_batches
