@@ -60,7 +60,9 @@ def main() -> None:
     ap.add_argument("--conditions", type=int, default=4, help="conditions in the batched-vs-sequential part")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    ap.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: disjoint windows)")
+    ap.add_argument(
+        "--stride", type=int, default=None, help="sliding-window stride (default: disjoint windows)"
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -36,7 +36,9 @@ def model():
 @pytest.fixture(scope="module")
 def docs():
     g = torch.Generator().manual_seed(0)
-    return [TokenizedDocument(f"d{i}", torch.randint(0, 256, (n,), generator=g)) for i, n in enumerate((260, 200))]
+    return [
+        TokenizedDocument(f"d{i}", torch.randint(0, 256, (n,), generator=g)) for i, n in enumerate((260, 200))
+    ]
 
 
 CONDITIONS = [
@@ -58,7 +60,12 @@ def _ppl(model, docs, conditions, rows, i_c=4, mode="zero", means=None):
 def test_zero_heads_equals_no_ablation_exactly(model, docs):
     plain = evaluate_perplexity(model, docs, 96, max_windows=3, progress=False)[0]
     for rows in (1, 2):
-        got = _ppl(model, docs, [NONE, Condition("empty", "heads", ()), Condition("no-dims", "dims", (), side="high")], rows)
+        got = _ppl(
+            model,
+            docs,
+            [NONE, Condition("empty", "heads", ()), Condition("no-dims", "dims", (), side="high")],
+            rows,
+        )
         for name in ("none", "empty", "no-dims"):
             assert got[name].nll == plain.nll  # bit-identical: nothing ablated installs no hook
 
@@ -80,7 +87,9 @@ def test_batched_conditions_equal_sequential(model, docs):
             assert bat[name].nll == pytest.approx(row.nll, rel=1e-6, abs=1e-7), name
             assert bat[name].tokens == row.tokens
     assert seq["none"].nll == seq["empty"].nll
-    assert len({round(r.nll, 9) for r in seq.values()}) == len(CONDITIONS) - 1  # every real ablation changes PPL
+    assert (
+        len({round(r.nll, 9) for r in seq.values()}) == len(CONDITIONS) - 1
+    )  # every real ablation changes PPL
 
 
 def test_head_ablation_equals_zeroed_output_projection(model, docs):
@@ -140,7 +149,9 @@ def test_batched_retrieval_equals_sequential(model):
     for rows in (1, len(CONDITIONS)):
         runner = ConditionRunner(model, CONDITIONS, ablation_apply("zero", 4, None), max_rows=rows)
         trials = []
-        evaluate_retrieval(model, tok, prompts, max_new_tokens=5, runner=runner, on_trial=trials.append, progress=False)
+        evaluate_retrieval(
+            model, tok, prompts, max_new_tokens=5, runner=runner, on_trial=trials.append, progress=False
+        )
         texts[rows] = [(t["condition"], t["seed"], t["generated"]) for t in trials]
     assert sorted(texts[1]) == sorted(texts[len(CONDITIONS)])
     by_cond = {}

@@ -165,7 +165,17 @@ def test_ci_config_end_to_end(tmp_path, one_thread):
     assert {"protocol", "heads", "perplexity", "passkey", "needle"} <= set(on_disk)
     assert on_disk["status"] == "complete"
     proto = on_disk["protocol"]
-    for key in ("model", "dtype", "attn_implementation", "scaling", "corpus", "lengths", "stride", "seeds", "versions"):
+    for key in (
+        "model",
+        "dtype",
+        "attn_implementation",
+        "scaling",
+        "corpus",
+        "lengths",
+        "stride",
+        "seeds",
+        "versions",
+    ):
         assert key in proto, key
     assert proto["versions"]["torch"] and proto["critical_pair"] == 4  # quarter of head_dim 16
 
@@ -175,7 +185,17 @@ def test_ci_config_end_to_end(tmp_path, one_thread):
     assert n_pos == 4  # top 25 % of 16 heads
 
     names = [c["name"] for c in on_disk["conditions"]]
-    assert names == ["none", "positional", "random@0", "random@1", "random@2", "lowest", "heads", "dims_high", "dims_low"]
+    assert names == [
+        "none",
+        "positional",
+        "random@0",
+        "random@1",
+        "random@2",
+        "lowest",
+        "heads",
+        "dims_high",
+        "dims_low",
+    ]
     ppl = on_disk["perplexity"]
     assert {(r["condition"], r["length"]) for r in ppl} == {(n, L) for n in names for L in (64, 128, 256)}
     for r in ppl:
@@ -209,10 +229,45 @@ def test_resume_skips_finished_rows_and_reads_a_previous_table(tmp_path, one_thr
     monkeypatch.undo()
     other = tmp_path / "other"
     reused = main(
-        _ci(tmp_path, "--tasks", "[perplexity]", "--heads.from_results", str(tmp_path / "run"), "--output.dir", str(other))
+        _ci(
+            tmp_path,
+            "--tasks",
+            "[perplexity]",
+            "--heads.from_results",
+            str(tmp_path / "run"),
+            "--output.dir",
+            str(other),
+        )
     )
     assert reused["conditions"] == first["conditions"]
     assert reused["heads"] == []
     by = {(r["condition"], r["length"]): r["nll"] for r in first["perplexity"]}
     for r in reused["perplexity"]:
         assert r["nll"] == pytest.approx(by[(r["condition"], r["length"])], rel=1e-9)
+
+
+@pytest.mark.slow
+def test_wandb_logging_offline(tmp_path, one_thread, monkeypatch):
+    """With output.wandb set, tables, summary values and the PNGs go to an (offline) W&B run in the run dir."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.delenv(var, raising=False)
+    main(
+        _ci(
+            tmp_path,
+            "--tasks",
+            "[perplexity]",
+            "--sweep.conditions",
+            "[none]",
+            "--output.wandb.project",
+            "posheads-test",
+            "--output.wandb.mode",
+            "offline",
+        )
+    )
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "no W&B event file was written"
+    import os
+
+    assert "WANDB_DIR" not in os.environ  # the run's W&B directories are scoped to the call

@@ -145,3 +145,12 @@ def test_read_head_table_forms(tmp_path):
     assert read_head_table(csv) == rows
     with pytest.raises(FileNotFoundError, match="heads.from_results"):
         read_head_table(tmp_path / "nope.json")
+
+
+def test_lowest_heads_rank_by_excess_when_the_table_has_it():
+    rows = _table()
+    for r in rows:  # excess ranks the heads in reverse of score
+        r["excess"] = -r["score"]
+    assert lowest_heads(rows, 2) == [(3, 4), (3, 5)]
+    rows[-1]["excess"] = None  # missing values rank last
+    assert lowest_heads(rows, 2) == [(3, 3), (3, 4)]

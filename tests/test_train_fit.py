@@ -149,7 +149,9 @@ def test_wandb_offline_run_records_the_logged_keys(monkeypatch, tmp_path):
     files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1, files
     records = wandb_records(files[0])
-    run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
+    runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
+    assert len(runs) == 1, ([r.WhichOneof("record_type") for r in records], files[0].stat().st_size, files[0].read_bytes()[:64])
+    run = runs[0]
     assert (run.project, run.display_name, list(run.tags)) == ("posheads-tests", "tiny-yarn", ["tiny", "yarn"])
     history = {item.key or "/".join(item.nested_key) for r in records if r.WhichOneof("record_type") == "history" for item in r.history.item}
     for key in ("train/loss", "train/tokens", "train/grad_norm", "lr", "val/nll_32", "val/ppl_64", "val/ppl", "report/ppl_64_after"):

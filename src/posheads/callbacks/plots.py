@@ -17,7 +17,8 @@ def _nan(v: Any) -> float:
 
 def plot_timeline(timeline: dict[str, Any], path: str | Path) -> Path:
     """Two panels against optimizer step: (top) HDA extension bin of every tracked head (thin) and their mean
-    (thick), perplexity on the right axis; (bottom) HDA area of the set and the Jaccard overlap with step 0."""
+    (thick), perplexity on the right axis; (bottom) HDA area of every tracked head (thin) and their mean (thick),
+    and the Jaccard overlap of the current Positional Heads with those of step 0 on the right axis."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -42,9 +43,12 @@ def plot_timeline(timeline: dict[str, Any], path: str | Path) -> Path:
     if len(handles) > 12:  # keep the legend readable for large sets
         handles, labels = handles[-1:], labels[-1:]
     ax.legend(handles, labels, fontsize=6, ncol=3, loc="best")
+    for name in timeline.get("tracked_heads", []):
+        values = [_nan(e["heads"].get(name, {}).get("hda_area")) for e in evals]
+        ax2.plot(steps, values, linewidth=0.8, alpha=0.6, marker=".")
     area = [_nan(e["tracked_set"]["area"]) for e in evals]
-    ax2.plot(steps, area, color="tab:blue", marker="o", label="HDA area (tracked set, octaves)")
-    ax2.set_ylabel("HDA area")
+    ax2.plot(steps, area, color="black", linewidth=2.2, marker="o", label="HDA area (tracked set mean)")
+    ax2.set_ylabel("HDA area (octaves)")
     axj = ax2.twinx()
     axj.plot(steps, [_nan(e.get("jaccard_step0")) for e in evals], color="tab:green", marker="s", label="Jaccard vs step 0")
     axj.set_ylim(-0.02, 1.02)

@@ -52,6 +52,7 @@ PPL_MODES = ("auto", "module", "probe", "none")
 #: Strategies whose parameters are sharded: the probe forward goes through the strategy's wrapped model.
 _SHARDED_STRATEGIES = ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
 TIMELINE_FILE = "timeline.json"
+_PROBE_METHOD = "_posheads_probe_forward"
 
 
 def head_name(layer: int, head: int) -> str:
@@ -112,18 +113,20 @@ class PositionalHeadTracker(Callback):
     - ``tracking/seconds`` -- wall time of the evaluation (probe pass, perplexity, analysis, files).
     - ``tracking/efficiency/spearman_extension_ppl``, ``.../spearman_p_value``, ``.../spearman_n`` -- at the end
       of training: Spearman correlation across the evaluated steps between ``set/hda_extension_bin`` and the
-      perplexity, its two-sided p-value and the number of steps used.
+      perplexity, its two-sided p-value and the number of steps used (``None``, not logged, when fewer than 3
+      steps or a constant series, e.g. an extension already at the longest bin from the start);
+      ``tracking/efficiency/spearman_area_ppl`` the same for ``set/hda_area``.
 
-    With W&B, the per-evaluation images are logged as ``tracking/score_heatmap`` and ``tracking/hda_vs_distance``,
-    the timeline plot as ``tracking/timeline_plot`` and, at the end, a ``tracking/timeline`` table (one row per
-    evaluation).
+    With W&B, the per-evaluation images are logged as ``tracking/score_heatmap`` and ``tracking/hda_vs_distance``
+    (W&B draws the line charts of the scalar keys itself), and at the end the timeline plot as
+    ``tracking/timeline_plot`` and a ``tracking/timeline`` table (one row per evaluation).
 
     **Files** (always, rank zero, in ``output_dir``, default ``<trainer.default_root_dir>/tracking``):
     ``timeline.json`` (rewritten after every evaluation; the configuration, the probe set, the bins, every
     evaluation -- all heads' scores, the tracked and current heads' HDA curves and summaries, set averages,
     Jaccard, perplexity -- and at the end the ``efficiency`` section), ``score_heatmap_step<N>.png`` and
     ``hda_step<N>.png`` per evaluation (:mod:`posheads.heads.plots`; the HDA image shows the tracked set),
-    ``timeline.png``, and with ``save_stats`` the raw sums ``stats_step<N>.pt``.
+    ``timeline.png`` at the end (extension per tracked head and set mean, perplexity, area, Jaccard), and with ``save_stats`` the raw sums ``stats_step<N>.pt``.
 
     Args:
         every_n_steps: evaluate every this many optimizer steps (also at the start and the end of training).
@@ -364,6 +367,14 @@ class PositionalHeadTracker(Callback):
     # ------------------------------------------------------------------------------------------- evaluation
 
     def _forward_fn(self, trainer: Trainer, pl_module: LightningModule):
+        """``forward(ids, want_logits)`` for the probe pass.
+
+        Unsharded strategies (single device, DDP): the Transformers model is called directly (no gradient sync is
+        involved without a backward pass), with ``logits_to_keep=1`` when no logits are needed. Sharded strategies
+        (FSDP, DeepSpeed, ModelParallel): the call is routed through the strategy's wrapped module, as Lightning's
+        own loops do, so that the root's sharded parameters are gathered; every rank runs the same number of
+        forwards (padding forwards included, see :func:`~posheads.callbacks.probe.shard_batches`).
+        """
         strategy = trainer.strategy
         wrapped = strategy.model
         model = pl_module.model
@@ -374,15 +385,22 @@ class PositionalHeadTracker(Callback):
         except (TypeError, ValueError):  # pragma: no cover - exotic wrappers
             keep_ok = False
 
-        def forward(ids: torch.Tensor, want_logits: bool) -> torch.Tensor | None:
-            if redirect:  # sharded parameters are gathered by the strategy's wrapper, as in Lightning's loops
-                out = strategy._forward_redirection(wrapped, pl_module, "forward", ids)
-                return out.logits if want_logits else None
+        def call(ids: torch.Tensor, want_logits: bool) -> torch.Tensor | None:
             kwargs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
             if not want_logits and keep_ok:
                 kwargs["logits_to_keep"] = 1
             out = model(**kwargs)
             return out.logits if want_logits else None
+
+        def forward(ids: torch.Tensor, want_logits: bool) -> torch.Tensor | None:
+            if not redirect:
+                return call(ids, want_logits)
+            # Lightning's _ForwardRedirection calls `pl_module.<name>(*args)` inside the wrapper's forward
+            pl_module.__dict__[_PROBE_METHOD] = lambda x: call(x, want_logits)
+            try:
+                return strategy._forward_redirection(wrapped, pl_module, _PROBE_METHOD, ids)
+            finally:
+                pl_module.__dict__.pop(_PROBE_METHOD, None)
 
         return forward
 
@@ -545,7 +563,6 @@ class PositionalHeadTracker(Callback):
         images = {
             "tracking/score_heatmap": self._dir / f"score_heatmap_step{step:06d}.png",
             "tracking/hda_vs_distance": self._dir / f"hda_step{step:06d}.png",
-            "tracking/timeline_plot": self._dir / "timeline.png",
         }
         for logger in wandb_loggers:
             for key, path in images.items():
@@ -565,7 +582,7 @@ class PositionalHeadTracker(Callback):
         tracked_view = dataclasses.replace(analysis, positional=_mask(self._tracked, analysis.scores.shape))
         plot_hda_curves(tracked_view, self._dir / f"hda_step{step:06d}.png")
 
-    def _write_timeline(self) -> None:
+    def _write_timeline(self, plot: bool = False) -> None:
         if self._dir is None:
             return
         self._dir.mkdir(parents=True, exist_ok=True)
@@ -573,7 +590,7 @@ class PositionalHeadTracker(Callback):
         tmp = self._dir / (TIMELINE_FILE + ".tmp")
         tmp.write_text(json.dumps(timeline, indent=1, allow_nan=False))
         tmp.replace(self._dir / TIMELINE_FILE)
-        if self.plots and self._evaluations:
+        if plot and self.plots and self._evaluations:
             from posheads.callbacks.plots import plot_timeline
 
             plot_timeline(timeline, self._dir / "timeline.png")
@@ -590,12 +607,13 @@ class PositionalHeadTracker(Callback):
         self._efficiency["ppl_source"] = self._ppl_mode
         if not trainer.is_global_zero:
             return
-        self._write_timeline()
+        self._write_timeline(plot=True)
         sp = self._efficiency["spearman_extension_ppl"]
         metrics = {
             "tracking/efficiency/spearman_extension_ppl": sp["rho"],
             "tracking/efficiency/spearman_p_value": sp["p_value"],
             "tracking/efficiency/spearman_n": sp["n"],
+            "tracking/efficiency/spearman_area_ppl": self._efficiency["spearman_area_ppl"]["rho"],
         }
         metrics = {k: float(v) for k, v in metrics.items() if v is not None}
         step = int(trainer.fit_loop.epoch_loop._batches_that_stepped)
@@ -611,15 +629,19 @@ class PositionalHeadTracker(Callback):
             logger.log_table(key="tracking/timeline", columns=columns, data=data, step=step)
             if self.plots and self._dir is not None and (self._dir / "timeline.png").is_file():
                 logger.log_image(key="tracking/timeline_plot", images=[str(self._dir / "timeline.png")], step=step)
-        rho = "undefined" if sp["rho"] is None else f"{sp['rho']:+.3f} (p = {_fmt(sp['p_value'])})"
+        sa = self._efficiency["spearman_area_ppl"]
         rank_zero_info(
-            f"[tracking] efficiency: Spearman(HDA extension, perplexity) = {rho} over n = {sp['n']} evaluated steps; "
-            f"timeline: {self._dir / TIMELINE_FILE if self._dir else '-'}"
+            f"[tracking] efficiency: Spearman(HDA extension, perplexity) = {_rho(sp)}, Spearman(HDA area, perplexity) "
+            f"= {_rho(sa)} over n = {sp['n']} evaluated steps; timeline: {self._dir / TIMELINE_FILE if self._dir else '-'}"
         )
 
 
 def _fmt(v: Any) -> str:
     return "-" if v is None else f"{v:.3g}"
+
+
+def _rho(sp: dict[str, Any]) -> str:
+    return "undefined" if sp["rho"] is None else f"{sp['rho']:+.3f} (p = {_fmt(sp['p_value'])})"
 
 
 def _mask(heads: list[tuple[int, int]], shape: torch.Size) -> torch.Tensor:

@@ -18,14 +18,16 @@ Dotted overrides work on the command line (``--perplexity.lengths '[512,1024]' -
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import json
 import logging
 import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,8 +389,10 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
         i_c = resolve_critical_pair(cfg.sweep.critical_pair, prep.shape, cfg.heads.analysis.critical)
     table = prep.head_table
     means = None
+    timings: dict[str, float] = {"load": round(time.time() - t0, 1)}
     try:
         if "heads" in cfg.tasks:
+            t_task = time.time()
             probes = _probe_sequences(cfg, prep.documents).to(device)
             found = ident.identify(
                 model,
@@ -401,6 +405,7 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
             table, means = found.table, found.means
             results.set("heads", table)
             results.set("heads_summary", _heads_summary(found.analysis))
+            timings["heads"] = round(time.time() - t_task, 1)
         conditions = [NONE]
         if cfg.evaluates:
             conditions = build_conditions(
@@ -410,7 +415,14 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                 random_seeds=cfg.sweep.random_seeds,
                 user_heads=cfg.sweep.user_heads,
             )
-        results.set("conditions", [c.describe() for c in conditions])
+        described = [c.describe() for c in conditions]
+        previous = results.data.get("conditions") or []
+        if cfg.output.resume and previous and previous != json.loads(json.dumps(described)):
+            raise ValueError(
+                f"output.resume=true: the conditions of this run differ from those recorded in {results.path} "
+                "(another head table, seeds or user heads); use a new output.dir or output.resume=false"
+            )
+        results.set("conditions", described)
         protocol = _protocol(cfg, prep, model, conditions, i_c)
         protocol["config"] = _config_dict(cfg)
         results.set("protocol", protocol)
@@ -418,10 +430,13 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
 
         needs_ablation = any(not c.is_noop for c in conditions)
         layout = cfg.heads.analysis.layout
-        apply = ident.ablation_apply(cfg.sweep.ablation, i_c, means, layout) if needs_ablation else no_ablation
+        apply = (
+            ident.ablation_apply(cfg.sweep.ablation, i_c, means, layout) if needs_ablation else no_ablation
+        )
         runner = ConditionRunner(model, conditions, apply, cfg.sweep.max_rows, cfg.sweep.max_batch_tokens)
 
         if "perplexity" in cfg.tasks:
+            t_task = time.time()
             p = cfg.perplexity
             for length in tqdm(p.lengths, desc="perplexity lengths", disable=not cfg.progress):
                 todo = [
@@ -443,9 +458,12 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                     on_row=lambda row: results.append("perplexity", row.to_dict()),
                     progress=cfg.progress,
                 )
+            timings["perplexity"] = round(time.time() - t_task, 1)
         for task in ("passkey", "needle"):
             if task in cfg.tasks:
+                t_task = time.time()
                 _run_retrieval(cfg, task, model, prep, runner, conditions, results)
+                timings[task] = round(time.time() - t_task, 1)
         results.set("status", "complete")
     except BaseException as err:
         results.set("status", f"failed: {type(err).__name__}: {err}")
@@ -454,6 +472,7 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
         elapsed = time.time() - t0
         protocol = dict(results.data["protocol"])
         protocol["elapsed_s"] = round(elapsed, 1)
+        protocol["timings_s"] = timings
         results.set("protocol", protocol)
     data = results.data
     plots = plot_results(data, out_dir) if cfg.output.plots else []
@@ -516,45 +535,64 @@ def _print_plan(cfg: EvalConfig, conditions: Sequence[Condition]) -> None:
     print(f"conditions: {heads}\nplanned tokens through the model: {parts}", file=sys.stderr)
 
 
+@contextlib.contextmanager
+def _wandb_dirs(out_dir: Path) -> Iterator[None]:
+    """Point W&B's run, cache, config and data directories into the run directory (unless the user set them),
+    for the duration of the block -- W&B writes to the home directory otherwise."""
+    wanted = {
+        "WANDB_DIR": out_dir,
+        "WANDB_CACHE_DIR": out_dir / "wandb-cache",
+        "WANDB_CONFIG_DIR": out_dir / "wandb-config",
+        "WANDB_DATA_DIR": out_dir / "wandb-data",
+    }
+    saved = {k: os.environ.get(k) for k in wanted}
+    try:
+        for key, value in wanted.items():
+            if saved[key] is None:
+                os.environ[key] = str(value)
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _log_wandb(cfg: EvalConfig, data: dict[str, Any], plots: Sequence[Path], out_dir: Path) -> None:
+    """Log the results to W&B: one table per section, ``ppl/<condition>/<length>`` and
+    ``<task>/<condition>/<length>/<depth>`` summary values, and the PNG plots."""
     settings = cfg.output.wandb
     assert settings is not None
-    os.environ.setdefault("WANDB_DIR", str(out_dir))
-    os.environ.setdefault("WANDB_CACHE_DIR", str(out_dir / "wandb-cache"))
-    os.environ.setdefault("WANDB_CONFIG_DIR", str(out_dir / "wandb-config"))
     import wandb
 
-    run = wandb.init(
-        project=settings.project,
-        name=settings.name or out_dir.name,
-        entity=settings.entity,
-        mode=settings.mode,
-        tags=settings.tags,
-        dir=str(out_dir),
-        config=data["protocol"],
-        reinit="finish_previous",
-    )
-    try:
-        for section in ("heads", "perplexity", "passkey", "needle"):
-            rows = data.get(section) or []
-            if rows:
-                columns = list(rows[0])
-                run.log(
-                    {
-                        f"eval/{section}": wandb.Table(
-                            columns=columns, data=[[r.get(c) for c in columns] for r in rows]
-                        )
-                    }
-                )
-        for r in data.get("perplexity", []):
-            run.summary[f"ppl/{r['condition']}/{r['length']}"] = r["ppl"]
-        for task in ("passkey", "needle"):
-            for r in data.get(task, []):
-                run.summary[f"{task}/{r['condition']}/{r['length']}/{r['depth']:g}"] = r["accuracy"]
-        for p in plots:
-            run.log({f"plots/{p.stem}": wandb.Image(str(p))})
-    finally:
-        run.finish()
+    with _wandb_dirs(out_dir):
+        run = wandb.init(
+            project=settings.project,
+            name=settings.name or out_dir.name,
+            entity=settings.entity,
+            mode=settings.mode,
+            tags=settings.tags,
+            dir=str(out_dir),
+            config=data["protocol"],
+            reinit="finish_previous",
+        )
+        try:
+            for section in ("heads", "perplexity", "passkey", "needle"):
+                rows = data.get(section) or []
+                if rows:
+                    columns = list(rows[0])
+                    table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+                    run.log({f"eval/{section}": table})
+            for r in data.get("perplexity", []):
+                run.summary[f"ppl/{r['condition']}/{r['length']}"] = r["ppl"]
+            for task in ("passkey", "needle"):
+                for r in data.get(task, []):
+                    run.summary[f"{task}/{r['condition']}/{r['length']}/{r['depth']:g}"] = r["accuracy"]
+            for p in plots:
+                run.log({f"plots/{p.stem}": wandb.Image(str(p))})
+        finally:
+            run.finish()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

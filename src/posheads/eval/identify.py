@@ -64,7 +64,10 @@ def identify(
 def condition_masks(group: Sequence[Condition], num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
     """Per-row boolean ``[B, layers, heads]`` masks of a group: ``"heads"`` (whole-head ablation), ``"high"`` and
     ``"low"`` (dimension ablation of that side); row ``r`` is ``group[r]``."""
-    masks = {key: torch.zeros(len(group), num_layers, num_heads, dtype=torch.bool) for key in ("heads", "high", "low")}
+    masks = {
+        key: torch.zeros(len(group), num_layers, num_heads, dtype=torch.bool)
+        for key in ("heads", "high", "low")
+    }
     for row, cond in enumerate(group):
         if cond.is_noop:
             continue

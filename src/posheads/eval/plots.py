@@ -180,6 +180,16 @@ def summary_tables(results: Mapping[str, Any]) -> str:
     """Text tables: perplexity (condition x length) and retrieval accuracy (condition x length, mean over
     depths, with the trial count)."""
     parts: list[str] = []
+    heads = results.get("heads_summary") or {}
+    if heads.get("positional_heads") is not None:
+        pos = heads["positional_heads"]
+        counts = heads.get("per_layer_counts") or []
+        layers = ", ".join(f"L{i}:{c}" for i, c in enumerate(counts) if c)
+        parts.append(
+            f"Positional Heads ({len(pos)}; score {heads.get('score')}, i_c = {heads.get('i_c')}): "
+            + " ".join(f"{a}.{b}" for a, b in pos)
+            + (f"\nper layer: {layers}" if layers else "")
+        )
     order = [m for members in condition_families(results).values() for m in members]
     ppl_rows = results.get("perplexity", [])
     if ppl_rows:

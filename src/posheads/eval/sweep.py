@@ -157,12 +157,16 @@ def resolve_critical_pair(value: int | str, shape: ModelShape, auto_rule: int | 
         return shape.head_dim // 4
     if value == "critical":
         if shape.rope_theta is None or shape.original_context is None:
-            raise ValueError("sweep.critical_pair='critical' needs the model's rope_theta and pre-training context")
+            raise ValueError(
+                "sweep.critical_pair='critical' needs the model's rope_theta and pre-training context"
+            )
         from posheads.rope import critical_pair
 
         return critical_pair(shape.head_dim, shape.rope_theta, shape.original_context)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= shape.num_pairs:
-        raise ValueError(f"sweep.critical_pair={value!r} must be in [0, {shape.num_pairs}] (head_dim/2 pairs)")
+        raise ValueError(
+            f"sweep.critical_pair={value!r} must be in [0, {shape.num_pairs}] (head_dim/2 pairs)"
+        )
     return value
 
 
@@ -178,6 +182,7 @@ def _head_row(raw: Mapping[str, Any]) -> dict[str, Any]:
     positional = raw.get("positional", False)
     if isinstance(positional, str):
         positional = positional.strip().lower() in ("1", "true", "yes")
+
     def number(key: str) -> float | None:
         v = raw.get(key)
         return None if v in (None, "", "None", "nan") else float(v)

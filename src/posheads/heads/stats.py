@@ -343,7 +343,7 @@ class PairStatsCollector:
         num_bins: int,
         *,
         rows_per_sequence: int = 64,
-        keys_per_bin: int | None = 16,
+        keys_per_bin: int | None = 8,
         temperature: float = 1.0,
         layout: str = "half",
         chunk_elements: int = 1 << 20,
@@ -454,18 +454,27 @@ class PairStatsCollector:
         n_of = pos[:, None] - deltas[None, :]  # [N, Lmax] key position at distance delta
         n_idx = n_of.clamp(min=0)
         valid_delta = (n_of >= 0) & row_allowed.gather(1, n_idx)  # [N, Lmax]
-        # full logit rows -> exact attention probabilities a(m, n), one batch element at a time (n-space)
-        a_delta = torch.empty(n_heads, n_rows, l_max, device=device, dtype=torch.float32)
-        for b in torch.unique(b_idx).tolist():
+        if not bool(valid_delta[:, 0].all()):
+            raise ValueError("plan.rows contains a padding position (a query that cannot attend to itself)")
+        # full logit rows -> exact attention probabilities a(m, n), one batch element at a time; the logits are
+        # gathered into distance order first (a permutation of each row), masked, then normalised
+        q_scaled = q_rows * call.scaling
+        batches = torch.unique(b_idx).tolist()
+        a_delta = None if len(batches) == 1 else torch.empty(n_heads, n_rows, l_max, device=device)
+        for b in batches:
             sel = (b_idx == b).nonzero().flatten()
-            qb = q_rows[:, sel].reshape(n_kv, groups * sel.numel(), -1)  # [Hkv, G*Nb, d]
-            logits = torch.bmm(qb, k[b, :, :l_max].float().transpose(1, 2))  # [Hkv, G*Nb, Lmax]
-            logits = logits.view(n_heads, sel.numel(), l_max).mul_(call.scaling)
-            logits.masked_fill_(~row_allowed[sel, :l_max].unsqueeze(0), float("-inf"))
-            probs = torch.softmax(logits, dim=-1)  # [H, Nb, Lmax] (n-space)
-            a_delta[:, sel] = probs.gather(2, n_idx[sel].unsqueeze(0).expand(n_heads, -1, -1))
+            qb = q_scaled[:, sel].reshape(n_kv, groups * sel.numel(), -1)  # [Hkv, G*Nb, d]
+            logits = torch.bmm(qb, k[b, :, :l_max].float().transpose(1, 2))  # [Hkv, G*Nb, Lmax] (n-space)
+            logits = logits.view(n_heads, sel.numel(), l_max)
+            logits = logits.gather(2, n_idx[sel].unsqueeze(0).expand(n_heads, -1, -1))  # [H, Nb, Lmax] delta
+            logits.masked_fill_(~valid_delta[sel].unsqueeze(0), float("-inf"))
+            probs = torch.softmax(logits, dim=-1)  # [H, Nb, Lmax]: a(m, m - delta), 0 where invalid
+            if a_delta is None:
+                a_delta = probs
+            else:
+                a_delta[:, sel] = probs
+        assert a_delta is not None
         valid_f = valid_delta.float()
-        a_delta.mul_(valid_f)  # zero outside the row's keys (also clears NaN-free garbage of clamped n)
         null_delta = self._null_deltas(plan, valid_delta, b_idx)
         plan._null["rows"] = (b_idx.tolist(), pos.tolist())
         return _Rows(b_idx, pos, q_rows, a_delta, valid_f, null_delta)
@@ -570,18 +579,10 @@ class PairStatsCollector:
 
         def cumulative(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             cum = w.cumsum(-1)  # [X, N, Lmax]
-            cum0 = torch.nn.functional.pad(cum, (1, 0))
-            return cum, cum0[..., lo], cum0[..., hi] - cum0[..., lo]  # cum, base [X, N, nb], total [X, N, nb]
-
-        def draw(cum: torch.Tensor, base: torch.Tensor, total: torch.Tensor, count: int) -> torch.Tensor:
-            """``count`` systematic samples per bin -> distances ``[X, nb, N, count]``."""
-            x_dim = cum.shape[0]
-            u = torch.rand(x_dim, n_rows, n_bins, count, generator=gen).to(device)
-            strata = (torch.arange(count, device=device, dtype=torch.float32) + u) / count  # in [0, 1)
-            targets = (base.unsqueeze(-1) + strata * total.unsqueeze(-1)).view(x_dim, n_rows, -1)
-            found = torch.searchsorted(cum, targets, right=True).view(x_dim, n_rows, n_bins, count)
-            found = torch.minimum(torch.maximum(found, lo.view(1, 1, -1, 1)), (hi - 1).view(1, 1, -1, 1))
-            return found.permute(0, 2, 1, 3)  # [X, nb, N, count]
+            before = cum.index_select(-1, (lo - 1).clamp(min=0)) * (
+                lo > 0
+            )  # weight below each bin [X, N, nb]
+            return cum, before, cum.index_select(-1, hi - 1) - before  # cum, base, bin total
 
         cum_v, base_v, n_b = cumulative(v)  # n_b [1, N, nb]
         cum_a, base_a, a_b = cumulative(a)  # a_b [H, N, nb]
@@ -594,22 +595,18 @@ class PairStatsCollector:
         def weights(delta: torch.Tensor, exact: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
             """Horvitz-Thompson weights of the slots ``delta [X, nb, N, k]`` -> ``w_u, w_a [H, nb, N, k]``."""
             x_dim, nb, _, k = delta.shape
-            idx = delta.permute(0, 2, 1, 3).reshape(x_dim, n_rows, nb * k)
-            v_at = v.gather(2, idx[:1] if x_dim > 1 else idx)  # valid is head independent
-            if x_dim > 1:
-                v_at = v.expand(x_dim, -1, -1).gather(2, idx)
-            a_at = a.gather(2, idx.expand(h_all, -1, -1))  # [H, N, nb*k]
-            v_at = v_at.view(-1, n_rows, nb, k).permute(0, 2, 1, 3)
-            a_at = a_at.view(h_all, n_rows, nb, k).permute(0, 2, 1, 3)  # [H, nb, N, k]
-            sel = slice(None) if nb == n_bins else slice(n_bins - nb, None)
-            expected = v_at * rate_u[:, sel] + a_at * rate_a[:, sel]
+            idx = delta.permute(0, 2, 1, 3).reshape(x_dim, n_rows, nb * k)  # [X, N, nb*k]
+            v_at = v.expand(x_dim, -1, -1).gather(2, idx).view(x_dim, n_rows, nb, k).permute(0, 2, 1, 3)
+            a_at = a.gather(2, idx.expand(h_all, -1, -1)).view(h_all, n_rows, nb, k).permute(0, 2, 1, 3)
+            sel = slice(n_bins - nb, None)  # the block's bins are the last nb present ones
+            expected = v_at * rate_u[:, sel] + a_at * rate_a[:, sel]  # [H, nb, N, k]
             inv = torch.where(expected > 0, 1.0 / expected.clamp(min=1e-30), 0.0)
             if exact is not None:  # exact slots: weight 1 per real key
                 inv = torch.where(exact, torch.ones((), device=device), inv)
             return v_at * inv, a_at * inv
 
         # block U: exact enumeration of the small bins, uniform draws in the others
-        drawn = draw(cum_v, base_v, n_b, c_u)  # [1, nb, N, c_u]
+        drawn = self._draw_range(cum_v, base_v, n_b, lo, hi, slice(None), c_u, gen)  # [1, nb, N, c_u]
         j = torch.arange(c_u, device=device)
         exact_slot = (j.view(1, -1) < size.view(-1, 1)) & exact_bin.view(-1, 1)  # [nb, c_u]
         enumerated = (lo.view(-1, 1) + j.view(1, -1)).clamp(max=l_max - 1)  # [nb, c_u]
