@@ -1,18 +1,22 @@
-"""Cost of the per-pair statistics pass against a plain forward pass (SmolLM2-135M, CPU or GPU).
+"""Cost of the per-pair statistics pass against a plain forward pass (SmolLM2-135M shape, CPU or CUDA).
 
-Measures, at each length, the wall time of a plain forward and of a forward with the
-:class:`posheads.heads.PairStatsCollector` installed (time inside the hook reported separately), and the peak
-memory of the statistics work as the length grows. Prints ratios; the target is a statistics pass costing well
-under 0.25x one plain forward at L = 2048 with 64 rows.
+For each length it times, on one real sequence, (a) a plain forward of the full model (with the LM head), (b)
+the decoder stack alone (what the statistics pass runs), and (c) the decoder with a
+:class:`posheads.heads.PairStatsCollector` installed; the collector's own time (inside the hook) is the cost of
+the statistics. It then measures the peak memory of one layer's statistics as the length grows (CPU: torch
+profiler memory timeline; CUDA: ``max_memory_allocated``). Target: at L = 2048 with 64 rows the statistics
+cost well under 0.25x one plain forward.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_analysis.py --lengths 2048 8192 --rows 64
+
+Without the offline SmolLM2 weights it falls back to a randomly initialised model of the same shape (the
+cost does not depend on the weights' values); the output says which.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-import tracemalloc
 
 import torch
 
@@ -25,58 +29,39 @@ from posheads.heads.stats import (
     sample_query_rows,
 )
 
+SMOLLM2_SHAPE = {
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
+    "tie_word_embeddings": True,
+}
 
-def _tokens(tokenizer, length: int, n: int) -> torch.Tensor:
-    """``n`` sequences of ``length`` real tokens (stdlib documents), random tokens if the corpus is missing."""
+
+def load(device: str):
+    """SmolLM2 (offline weights) and real stdlib tokens, else a random model of the same shape and random ids."""
     try:
-        from posheads.data import CorpusConfig, load_token_documents, select_min_length
+        from posheads.data import CorpusConfig, load_token_documents
+        from posheads.models import ModelConfig, load_model, load_tokenizer
 
-        docs = select_min_length(load_token_documents(CorpusConfig(kind="stdlib"), tokenizer), length)
-        return torch.stack([d.ids[:length] for d in docs[:n]])
-    except Exception as err:  # pragma: no cover - fallback for a stripped Python
-        print(f"(stdlib corpus unavailable: {err}; using random tokens)")
-        return torch.randint(0, tokenizer.vocab_size, (n, length))
+        cfg = ModelConfig()
+        model, tokenizer = load_model(cfg), load_tokenizer(cfg)
+        docs = sorted(load_token_documents(CorpusConfig(kind="stdlib"), tokenizer), key=lambda d: -d.n_tokens)
+        ids = docs[0].ids
+        label = f"SmolLM2-135M-Instruct, stdlib document {docs[0].name!r}"
+    except Exception as err:  # no offline weights here: same shape, random values
+        from transformers import LlamaConfig, LlamaForCausalLM
 
-
-def bench_model(lengths: list[int], rows: int, keys_per_bin: int | None, repeats: int) -> None:
-    from posheads.models import ModelConfig, load_model, load_tokenizer
-
-    cfg = ModelConfig()
-    model = load_model(cfg)
-    tokenizer = load_tokenizer(cfg)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device)
-    print(f"device={device} threads={torch.get_num_threads()} rows={rows} keys_per_bin={keys_per_bin}")
-    for length in lengths:
-        ids = _tokens(tokenizer, length, 1).to(device)
-        collector = collector_for_model(
-            model, num_bins_for(length), rows_per_sequence=rows, keys_per_bin=keys_per_bin
-        )
-        plain, hooked, inside = [], [], []
-        with torch.no_grad():
-            model(ids[:, :128])  # warm-up
-            for r in range(repeats):
-                _sync(device)
-                t0 = time.perf_counter()
-                model.model(ids)  # the decoder stack (the statistics never need the LM head)
-                _sync(device)
-                plain.append(time.perf_counter() - t0)
-                collector.plan = RowPlan(
-                    sample_query_rows(torch.ones_like(ids, dtype=torch.bool), rows, r), seed=r
-                )
-                before = collector.seconds
-                with attention_hooks(model, collector):
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    model.model(ids)
-                    _sync(device)
-                hooked.append(time.perf_counter() - t0)
-                inside.append(collector.seconds - before)
-        p, h, i = min(plain), min(hooked), min(inside)
-        print(
-            f"L={length}: plain forward {p:.2f}s | forward+stats {h:.2f}s | stats inside hook {i:.2f}s | "
-            f"ratio stats/forward = {i / p:.3f} (extra wall {(h - p) / p:+.3f})"
-        )
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SMOLLM2_SHAPE, attn_implementation="sdpa")).eval()
+        ids = torch.randint(0, SMOLLM2_SHAPE["vocab_size"], (40_000,))
+        label = f"random-weight model of SmolLM2's shape ({type(err).__name__}: {err})"
+    return model.to(device).eval(), ids, label
 
 
 def _sync(device: str) -> None:
@@ -84,25 +69,90 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_memory(lengths: list[int], rows: int, keys_per_bin: int | None) -> None:
-    """Peak memory of the statistics work for one SmolLM2-shaped layer (synthetic q/k), CPU, via tracemalloc."""
+def _timed(device: str, fn, *args) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn(*args)
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def bench_speed(
+    model, tokens: torch.Tensor, device: str, lengths: list[int], rows: int, kpb: int | None, repeats: int
+) -> None:
+    decoder = model.get_decoder()
+    for length in lengths:
+        if tokens.numel() < length:
+            tokens = tokens.repeat(length // tokens.numel() + 1)
+        ids = tokens[:length].view(1, -1).to(device)
+        collector = collector_for_model(model, num_bins_for(length), rows_per_sequence=rows, keys_per_bin=kpb)
+        full, plain, hooked, inside = [], [], [], []
+        decoder(ids[:, :256])  # warm-up
+        for r in range(repeats):
+            full.append(_timed(device, model, ids))
+            plain.append(_timed(device, decoder, ids))
+            collector.plan = RowPlan(
+                sample_query_rows(torch.ones(1, length, dtype=torch.bool), rows, r), seed=r
+            )
+            before = collector.seconds
+
+            hooked.append(_timed(device, _hooked_forward, model, decoder, collector, ids))
+            inside.append(collector.seconds - before)
+        f, p, h, i = min(full), min(plain), min(hooked), min(inside)
+        if device == "cuda":  # the hook's own clock does not wait for the GPU: use the wall difference
+            i = h - p
+        print(
+            f"  L={length}: forward {f:.3f}s (decoder only {p:.3f}s) | decoder+stats {h:.3f}s | stats {i:.3f}s"
+            f" -> stats / forward = {i / f:.3f}, stats / decoder = {i / p:.3f}"
+        )
+
+
+def _hooked_forward(model, decoder, collector, ids) -> None:
+    with attention_hooks(model, collector):
+        decoder(ids)
+
+
+def _cpu_peak(fn, *args) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(*args)
+    timeline = sorted(
+        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage
+    )
+    current = peak = 0
+    for _, change in timeline:
+        current += change
+        peak = max(peak, current)
+    return peak
+
+
+def bench_memory(device: str, lengths: list[int], rows: int, kpb: int | None) -> None:
+    """Peak memory of one SmolLM2-shaped layer's statistics (synthetic q~/k~) as the length grows."""
     heads, kv_heads, head_dim = 9, 3, 64
-    print("peak memory of one layer's statistics (SmolLM2 shape, CPU, tracemalloc):")
     previous = None
     for length in lengths:
         gen = torch.Generator().manual_seed(0)
-        q = torch.randn(1, heads, length, head_dim, generator=gen)
-        k = torch.randn(1, kv_heads, length, head_dim, generator=gen)
+        q = torch.randn(1, heads, length, head_dim, generator=gen).to(device)
+        k = torch.randn(1, kv_heads, length, head_dim, generator=gen).to(device)
         call = AttentionCall(0, q, k, None, head_dim**-0.5)
-        collector = PairStatsCollector(1, heads, head_dim, num_bins_for(length), keys_per_bin=keys_per_bin)
+        collector = PairStatsCollector(
+            1, heads, head_dim, num_bins_for(length), keys_per_bin=kpb, device=device
+        )
         collector.plan = RowPlan(sample_query_rows(torch.ones(1, length, dtype=torch.bool), rows, 0), seed=0)
-        tracemalloc.start()
-        collector(None, call)  # type: ignore[arg-type]
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        line = f"  L={length}: peak {peak / 2**20:.1f} MiB (q/k inputs {2 * q.numel() * 4 / 2**20:.1f} MiB)"
+        if device == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            collector(None, call)  # type: ignore[arg-type]
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            peak = _cpu_peak(collector, None, call)
+        line = f"  L={length}: peak {peak / 2**20:.1f} MiB (the layer's q~/k~ themselves: {2 * q.numel() * 4 / 2**20:.1f} MiB)"
         if previous is not None:
-            line += f", x{peak / previous[1]:.2f} for x{length / previous[0]:.1f} length"
+            line += f"; x{peak / previous[1]:.2f} for x{length / previous[0]:.0f} length"
         print(line)
         previous = (length, peak)
 
@@ -113,15 +163,23 @@ def main() -> None:
     )
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--keys-per-bin", type=int, default=16, help="0 = all keys (exact)")
+    parser.add_argument("--keys-per-bin", type=int, default=8, help="0 = all keys (exact)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--skip-model", action="store_true", help="only the memory measurement")
     parser.add_argument("--memory-lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
+    parser.add_argument("--skip-speed", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     kpb = args.keys_per_bin or None
-    bench_memory(args.memory_lengths, args.rows, kpb)
-    if not args.skip_model:
-        bench_model(args.lengths, args.rows, kpb, args.repeats)
+    print(f"device={args.device} threads={torch.get_num_threads()} rows={args.rows} keys_per_bin={kpb}")
+    print("peak memory of one layer's statistics (SmolLM2 shape):")
+    bench_memory(args.device, args.memory_lengths, args.rows, kpb)
+    if not args.skip_speed:
+        model, tokens, label = load(args.device)
+        print(f"speed ({label}):")
+        bench_speed(model, tokens, args.device, args.lengths, args.rows, kpb, args.repeats)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,9 @@ def _train(config: Path, args: list[str]) -> dict[str, Any]:
     return out
 
 
-def bench_quickstart(pretrained: str, output_dir: str, max_steps: int | None, max_time: str | None, baseline: bool) -> dict[str, Any]:
+def bench_quickstart(
+    pretrained: str, output_dir: str, max_steps: int | None, max_time: str | None, baseline: bool
+) -> dict[str, Any]:
     import yaml
 
     if not Path(pretrained).is_dir():
@@ -106,8 +108,18 @@ def bench_quickstart(pretrained: str, output_dir: str, max_steps: int | None, ma
             "configs/train/pretrain_tiny.yaml` first (it writes runs/pretrain_tiny/final)"
         )
     config = ROOT / "configs" / "quickstart.yaml"
-    common = ["--model.lm.name_or_path", pretrained, "--run.output_dir", output_dir, "--report.enabled", "false",
-              "--trainer.enable_progress_bar", "false", "--checkpoint.every_n_train_steps", "0"]
+    common = [
+        "--model.lm.name_or_path",
+        pretrained,
+        "--run.output_dir",
+        output_dir,
+        "--report.enabled",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--checkpoint.every_n_train_steps",
+        "0",
+    ]
     if max_steps is not None:
         common += ["--trainer.max_steps", str(max_steps), "--model.optim.total_steps", str(max_steps)]
     if max_time is not None:
@@ -127,13 +139,21 @@ def bench_quickstart(pretrained: str, output_dir: str, max_steps: int | None, ma
     if baseline:
         data = yaml.safe_load(config.read_text())
         data["trainer"]["callbacks"] = [
-            c for c in data["trainer"].get("callbacks") or [] if "PositionalHeadTracker" not in str(c.get("class_path"))
+            c
+            for c in data["trainer"].get("callbacks") or []
+            if "PositionalHeadTracker" not in str(c.get("class_path"))
         ]
         plain_config = Path(output_dir) / "quickstart_without_tracker.yaml"
         plain_config.parent.mkdir(parents=True, exist_ok=True)
         plain_config.write_text(yaml.safe_dump(data, sort_keys=False))
-        steps = ["--trainer.max_steps", str(tracked["steps"]), "--model.optim.total_steps", str(tracked["steps"]),
-                 "--trainer.max_time", "null"]
+        steps = [
+            "--trainer.max_steps",
+            str(tracked["steps"]),
+            "--model.optim.total_steps",
+            str(tracked["steps"]),
+            "--trainer.max_time",
+            "null",
+        ]
         plain = _train(plain_config, [*common, *steps, "--run.name", "bench_plain"])
         result["plain"] = plain
         extra = tracked["train_seconds"] / plain["train_seconds"] - 1
@@ -166,9 +186,17 @@ def smollm2_shaped(random_weights: bool, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=100000.0,
-        tie_word_embeddings=True, attn_implementation="sdpa",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        attn_implementation="sdpa",
     )
     with torch.device(device):
         model = LlamaForCausalLM(config)
@@ -180,7 +208,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def bench_tracker_pass(lengths: list[int], rows: int, keys_per_bin: int | None, repeats: int, random_weights: bool, dtype: str) -> list[dict[str, Any]]:
+def bench_tracker_pass(
+    lengths: list[int], rows: int, keys_per_bin: int | None, repeats: int, random_weights: bool, dtype: str
+) -> list[dict[str, Any]]:
     from posheads.callbacks import ProbeSet, run_probe_pass
     from posheads.heads import HeadsConfig
 
@@ -188,8 +218,10 @@ def bench_tracker_pass(lengths: list[int], rows: int, keys_per_bin: int | None, 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     model = smollm2_shaped(random_weights, device, torch_dtype)
     cfg = HeadsConfig(rows_per_sequence=rows, keys_per_bin=keys_per_bin)
-    print(f"tracker pass: device={device} dtype={dtype} threads={torch.get_num_threads()} rows={rows} "
-          f"keys_per_bin={keys_per_bin} weights={'random' if random_weights else 'SmolLM2'}")
+    print(
+        f"tracker pass: device={device} dtype={dtype} threads={torch.get_num_threads()} rows={rows} "
+        f"keys_per_bin={keys_per_bin} weights={'random' if random_weights else 'SmolLM2'}"
+    )
 
     def forward(ids, want_logits):
         out = model(input_ids=ids, use_cache=False, logits_to_keep=0 if want_logits else 1)
@@ -217,15 +249,23 @@ def bench_tracker_pass(lengths: list[int], rows: int, keys_per_bin: int | None, 
         p, t = min(plain), min(tracked)
         row = {"length": length, "plain_s": p, "pass_s": t, "stats_over_forward": (t - p) / p}
         results.append(row)
-        print(f"  L={length}: plain forward {p:.3f} s | tracker probe pass {t:.3f} s | statistics = {(t - p) / p:.3f}x a forward")
+        print(
+            f"  L={length}: plain forward {p:.3f} s | tracker probe pass {t:.3f} s | statistics = {(t - p) / p:.3f}x a forward"
+        )
     return results
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", nargs="+", default=["quickstart", "pass"], choices=["quickstart", "pass", "tracker-pass"])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--what", nargs="+", default=["quickstart", "pass"], choices=["quickstart", "pass", "tracker-pass"]
+    )
     parser.add_argument("--pretrained", default="runs/pretrain_tiny/final")
-    parser.add_argument("--output-dir", default=None, help="run directory parent (default: a temporary directory)")
+    parser.add_argument(
+        "--output-dir", default=None, help="run directory parent (default: a temporary directory)"
+    )
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--max-time", default=None, help='e.g. "00:00:03:30" (default: the config\'s)')
     parser.add_argument("--baseline", action="store_true", help="also train without the tracker and compare")
@@ -242,14 +282,18 @@ def main() -> None:
     results: dict[str, Any] = {}
     if "quickstart" in args.what:
         out = args.output_dir or tempfile.mkdtemp(prefix="bench_tracking_")
-        results["quickstart"] = bench_quickstart(args.pretrained, out, args.max_steps, args.max_time, args.baseline)
+        results["quickstart"] = bench_quickstart(
+            args.pretrained, out, args.max_steps, args.max_time, args.baseline
+        )
     kpb = args.keys_per_bin or None
     if "pass" in args.what:
         from bench_analysis import bench_model
 
         bench_model(args.lengths, args.rows, kpb, args.repeats)
     if "tracker-pass" in args.what:
-        results["tracker_pass"] = bench_tracker_pass(args.lengths, args.rows, kpb, args.repeats, args.random_weights, args.dtype)
+        results["tracker_pass"] = bench_tracker_pass(
+            args.lengths, args.rows, kpb, args.repeats, args.random_weights, args.dtype
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
 

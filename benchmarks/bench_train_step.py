@@ -33,13 +33,28 @@ from posheads.rope import RopeScaling  # noqa: E402
 
 
 def make_configs(seq_len: int) -> tuple[ModelConfig, RopeScaling, OptimConfig]:
-    spec = TinySpec(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=256, max_position_embeddings=seq_len // 4)
-    return ModelConfig(name_or_path="tiny", tiny=spec), RopeScaling(method="yarn", factor=4.0), OptimConfig(lr=1e-3, warmup_steps=2)
+    spec = TinySpec(
+        num_layers=4,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=256,
+        max_position_embeddings=seq_len // 4,
+    )
+    return (
+        ModelConfig(name_or_path="tiny", tiny=spec),
+        RopeScaling(method="yarn", factor=4.0),
+        OptimConfig(lr=1e-3, warmup_steps=2),
+    )
 
 
 def data(seq_len: int, batch_size: int) -> LengthExtensionDataModule:
     dm = LengthExtensionDataModule(
-        corpus=CorpusConfig(kind="stdlib", max_documents=40), seq_len=seq_len, batch_size=batch_size, tokenizer=None, cache_dir=""
+        corpus=CorpusConfig(kind="stdlib", max_documents=40),
+        seq_len=seq_len,
+        batch_size=batch_size,
+        tokenizer=None,
+        cache_dir="",
     )
     dm._tokenizer = tiny_tokenizer()
     dm.setup("fit")
@@ -82,7 +97,9 @@ class _Timer(L.Callback):
 
 def lightning_loop(seq_len: int, batch_size: int, warmup: int, steps: int) -> float:
     lm, rope, optim = make_configs(seq_len)
-    module = LengthExtensionModule(seq_len, lm=lm, rope=rope, optim=OptimConfig(**{**optim.__dict__, "total_steps": warmup + steps}))
+    module = LengthExtensionModule(
+        seq_len, lm=lm, rope=rope, optim=OptimConfig(**{**optim.__dict__, "total_steps": warmup + steps})
+    )
     timer = _Timer(warmup)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -103,13 +120,19 @@ def lightning_loop(seq_len: int, batch_size: int, warmup: int, steps: int) -> fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per measurement")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2, help="alternating measurements of each; the best is kept")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (1 is robust on a shared 2-core CPU)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="alternating measurements of each; the best is kept"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch.set_num_threads (1 is robust on a shared 2-core CPU)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 

@@ -23,7 +23,13 @@ sys.path.insert(0, str(SCRIPT.parent))
 @pytest.mark.subprocess
 @pytest.mark.slow
 def test_ddp_tracking_equals_single_process(tmp_path, monkeypatch):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "OMP_NUM_THREADS": "1",
+    }
     ddp_dir = tmp_path / "ddp"
     ddp_dir.mkdir()
     proc = subprocess.run(
@@ -35,9 +41,14 @@ def test_ddp_tracking_equals_single_process(tmp_path, monkeypatch):
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["steps"] for r in ranks] == [[0, 2], [0, 2]]
     # 5 probe sequences, batch 1: ranks run 3 forwards each (rank 1: 2 sequences + 1 padding forward)
     assert [r["forwards_per_rank"] for r in ranks] == [[3, 3], [3, 3]]
-    assert ranks[0]["tracked_heads"] == ranks[1]["tracked_heads"] and ranks[0]["probe_names"] == ranks[1]["probe_names"]
+    assert (
+        ranks[0]["tracked_heads"] == ranks[1]["tracked_heads"]
+        and ranks[0]["probe_names"] == ranks[1]["probe_names"]
+    )
     output = proc.stdout + proc.stderr
-    assert output.count("[tracking] efficiency") == 1 and output.count("[tracking] step 0:") == 1  # rank 0 only
+    assert (
+        output.count("[tracking] efficiency") == 1 and output.count("[tracking] step 0:") == 1
+    )  # rank 0 only
 
     import ddp_tracking
 
@@ -56,7 +67,9 @@ def test_ddp_tracking_equals_single_process(tmp_path, monkeypatch):
     single_stats = torch.load(single_run / "stats_step000000.pt", weights_only=True)
     assert float(single_stats["rows"]) == 5 * 16  # every probe sequence counted once
     for name, value in single_stats.items():
-        torch.testing.assert_close(ddp_stats[name], value, rtol=1e-9, atol=1e-9, msg=f"PairStats.{name} differs")
+        torch.testing.assert_close(
+            ddp_stats[name], value, rtol=1e-9, atol=1e-9, msg=f"PairStats.{name} differs"
+        )
 
     ddp_tl = json.loads((ddp_run / "timeline.json").read_text())
     single_tl = json.loads((single_run / "timeline.json").read_text())
@@ -68,6 +81,10 @@ def test_ddp_tracking_equals_single_process(tmp_path, monkeypatch):
         torch.testing.assert_close(torch.tensor(d0[key]), torch.tensor(s0[key]), rtol=1e-9, atol=1e-12)
     for name, head in s0["heads"].items():
         assert d0["heads"][name]["hda_extension_bin"] == head["hda_extension_bin"]
-        torch.testing.assert_close(torch.tensor(d0["heads"][name]["hda"]), torch.tensor(head["hda"]), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(
+            torch.tensor(d0["heads"][name]["hda"]), torch.tensor(head["hda"]), rtol=1e-9, atol=1e-12
+        )
     # the module's validation perplexity is summed over the ranks' shards of the same windows
-    assert d0["ppl"]["tokens"] == s0["ppl"]["tokens"] and d0["ppl"]["nll"] == pytest.approx(s0["ppl"]["nll"], rel=1e-5)
+    assert d0["ppl"]["tokens"] == s0["ppl"]["tokens"] and d0["ppl"]["nll"] == pytest.approx(
+        s0["ppl"]["nll"], rel=1e-5
+    )

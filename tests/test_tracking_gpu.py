@@ -13,10 +13,9 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_tracking import HEADS, TinyLM, _data  # noqa: E402
-
 from posheads.callbacks import PositionalHeadTracker  # noqa: E402
 from posheads.heads import HeadsConfig  # noqa: E402
+from test_tracking import HEADS, TinyLM, _data  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -45,7 +44,12 @@ def _fit_gpu(tmp_path: Path, callbacks, strategy="auto", steps: int = 4, precisi
 
 def _tracker(tmp_path: Path, **kwargs) -> PositionalHeadTracker:
     tracker = PositionalHeadTracker(
-        every_n_steps=2, ppl="probe", output_dir=str(tmp_path / "tracking"), heads=HeadsConfig(**HEADS), save_stats=True, **kwargs
+        every_n_steps=2,
+        ppl="probe",
+        output_dir=str(tmp_path / "tracking"),
+        heads=HeadsConfig(**HEADS),
+        save_stats=True,
+        **kwargs,
     )
     tracker.set_probe(_data(3, 48))
     return tracker
@@ -74,7 +78,9 @@ def test_gpu_fsdp_probe_pass_equals_single_device(tmp_path):
     a = torch.load(tmp_path / "single" / "tracking" / "stats_step000000.pt", weights_only=True)
     b = torch.load(tmp_path / "fsdp" / "tracking" / "stats_step000000.pt", weights_only=True)
     for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4, msg=f"PairStats.{name} differs under FSDP")
+        torch.testing.assert_close(
+            b[name], a[name], rtol=1e-4, atol=1e-4, msg=f"PairStats.{name} differs under FSDP"
+        )
     ta = json.loads((tmp_path / "single" / "tracking" / "timeline.json").read_text())
     tb = json.loads((tmp_path / "fsdp" / "tracking" / "timeline.json").read_text())
     assert ta["tracked_heads"] == tb["tracked_heads"]

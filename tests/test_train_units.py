@@ -4,6 +4,8 @@ validation windows, the NLL metric, LoRA merging and export, W&B mode resolution
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +27,12 @@ from posheads.lit.optim import LRSchedule, build_optimizer, decays
 from posheads.models import LoraSettings, ModelConfig, TinySpec, load_model
 from posheads.rope import RopeScaling
 
-SMALL = TinySpec(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64, max_position_embeddings=32)
+sys.path.insert(0, str(Path(__file__).parent / "scripts"))
+from train_helpers import one_torch_thread  # noqa: E402, F401 (autouse fixture)
+
+SMALL = TinySpec(
+    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64, max_position_embeddings=32
+)
 
 # ----------------------------------------------------------------------------------------- schedule
 
@@ -95,7 +102,9 @@ def test_module_refuses_eager_attention_and_bad_lengths():
 
 
 def test_module_lengths_come_from_the_model_config():
-    module = LengthExtensionModule(96, lm=ModelConfig(name_or_path="tiny", tiny=SMALL), rope=RopeScaling(method="yarn", factor=3.0))
+    module = LengthExtensionModule(
+        96, lm=ModelConfig(name_or_path="tiny", tiny=SMALL), rope=RopeScaling(method="yarn", factor=3.0)
+    )
     assert module.original_length == 32  # L0 recorded by the scaling, not the scaled max_position_embeddings
     assert module.model.config.max_position_embeddings == 96
     assert module.eval_lengths == [32, 96]
@@ -138,7 +147,9 @@ def test_resumable_loader_restores_the_position():
 
 def test_resumable_loader_ignores_a_state_for_different_data(caplog):
     loader = ResumableDataLoader(TokenRows(torch.zeros(20, 2, dtype=torch.long)), 2, ResumableSampler(20))
-    loader.load_state_dict({"epoch": 0, "batches_yielded": 3, "num_rows": 21, "batch_size": 2, "world_size": 1, "seed": 0})
+    loader.load_state_dict(
+        {"epoch": 0, "batches_yielded": 3, "num_rows": 21, "batch_size": 2, "world_size": 1, "seed": 0}
+    )
     assert len(list(loader)) == 10
     assert "cannot be restored" in caplog.text
 
@@ -197,7 +208,9 @@ def test_token_nll_matches_the_models_own_loss():
 
 def _trained_lora_model():
     lora = LoraSettings(r=4, alpha=8.0, target_modules=["q_proj", "v_proj", "down_proj"])
-    model = load_model(ModelConfig(name_or_path="tiny", tiny=SMALL, lora=lora), rope=RopeScaling(method="linear", factor=2.0))
+    model = load_model(
+        ModelConfig(name_or_path="tiny", tiny=SMALL, lora=lora), rope=RopeScaling(method="linear", factor=2.0)
+    )
     with torch.no_grad():  # LoRA B starts at zero: give the adapters a non-trivial value
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -221,15 +234,23 @@ def test_merge_lora_state_dict_matches_peft_merge():
 def test_export_lora_model_loads_as_plain_transformers(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    module = LengthExtensionModule(64, lm=ModelConfig(name_or_path="tiny", tiny=SMALL, lora=LoraSettings(r=4)), rope=RopeScaling(method="linear", factor=2.0))
+    module = LengthExtensionModule(
+        64,
+        lm=ModelConfig(name_or_path="tiny", tiny=SMALL, lora=LoraSettings(r=4)),
+        rope=RopeScaling(method="linear", factor=2.0),
+    )
     module._modules["model"] = _trained_lora_model()
     out = export_pretrained(module, tmp_path / "final", lora_dir=tmp_path / "lora", info={"note": "test"})
     assert out == tmp_path / "final"
-    assert (tmp_path / "lora" / "adapter_config.json").is_file() and (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "lora" / "adapter_config.json").is_file() and (
+        tmp_path / "lora" / "adapter_model.safetensors"
+    ).is_file()
     assert (tmp_path / "final" / "posheads_training.json").is_file()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     reloaded = load_model(ModelConfig(name_or_path=str(tmp_path / "final")))
-    assert plain.config.rope_parameters["rope_type"] == "linear" and plain.config.max_position_embeddings == 64
+    assert (
+        plain.config.rope_parameters["rope_type"] == "linear" and plain.config.max_position_embeddings == 64
+    )
     ids = torch.randint(0, 256, (2, 60))
     with torch.no_grad():
         expected = module.model.eval()(ids).logits

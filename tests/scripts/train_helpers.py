@@ -5,10 +5,32 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+import torch
 import yaml
 
+
+@pytest.fixture(autouse=True)
+def one_torch_thread(monkeypatch):
+    """Tiny models train fastest on one thread, and on a busy 2-core machine oversubscribed OpenMP threads are
+    many times slower (measured: 146 s -> 35 s for tests/test_train_fit.py at load 5). The CLI sets both from
+    ``run.torch_threads``; restore them after each test. Import it into a test module to use it."""
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 #: A 2-layer Llama with a 32-token "pre-trained" context, extended to 64 with YaRN, on 40 help topics.
-TINY_SPEC = {"num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 64, "max_position_embeddings": 32}
+TINY_SPEC = {
+    "num_layers": 2,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "head_dim": 16,
+    "intermediate_size": 64,
+    "max_position_embeddings": 32,
+}
 
 
 def tiny_config(run_dir: Path, name: str, steps: int = 8, **overrides: Any) -> dict[str, Any]:
@@ -21,7 +43,12 @@ def tiny_config(run_dir: Path, name: str, steps: int = 8, **overrides: Any) -> d
             "rope": {"method": "yarn", "factor": 2.0},
             "optim": {"lr": 3e-3, "warmup_steps": 2, "total_steps": steps, "schedule": "cosine"},
         },
-        "data": {"corpus": {"kind": "pydoc", "max_documents": 40}, "batch_size": 4, "val_windows": 4, "cache_dir": ""},
+        "data": {
+            "corpus": {"kind": "pydoc", "max_documents": 40},
+            "batch_size": 4,
+            "val_windows": 4,
+            "cache_dir": "",
+        },
         "trainer": {
             "max_steps": steps,
             "accelerator": "cpu",
@@ -31,7 +58,7 @@ def tiny_config(run_dir: Path, name: str, steps: int = 8, **overrides: Any) -> d
             "enable_progress_bar": False,
             "enable_model_summary": False,
         },
-        "run": {"output_dir": str(run_dir), "name": name},
+        "run": {"output_dir": str(run_dir), "name": name, "torch_threads": 1},
         "checkpoint": {"every_n_train_steps": steps, "save_top_k": -1},
         "report": {"enabled": False},
     }

@@ -62,7 +62,9 @@ def steps_to_within(steps: Sequence[int], values: Sequence[float | None], rel: f
 
 def trapezoid_area(steps: Sequence[int], values: Sequence[float | None]) -> float | None:
     """Area under ``values`` against ``steps`` (trapezoid rule over the finite points), ``None`` with < 2 points."""
-    pairs = [(float(s), float(v)) for s, v in zip(steps, values, strict=True) if v is not None and math.isfinite(v)]
+    pairs = [
+        (float(s), float(v)) for s, v in zip(steps, values, strict=True) if v is not None and math.isfinite(v)
+    ]
     if len(pairs) < 2:
         return None
     return sum((s1 - s0) * (v0 + v1) / 2 for (s0, v0), (s1, v1) in zip(pairs, pairs[1:]))

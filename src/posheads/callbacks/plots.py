@@ -50,7 +50,13 @@ def plot_timeline(timeline: dict[str, Any], path: str | Path) -> Path:
     ax2.plot(steps, area, color="black", linewidth=2.2, marker="o", label="HDA area (tracked set mean)")
     ax2.set_ylabel("HDA area (octaves)")
     axj = ax2.twinx()
-    axj.plot(steps, [_nan(e.get("jaccard_step0")) for e in evals], color="tab:green", marker="s", label="Jaccard vs step 0")
+    axj.plot(
+        steps,
+        [_nan(e.get("jaccard_step0")) for e in evals],
+        color="tab:green",
+        marker="s",
+        label="Jaccard vs step 0",
+    )
     axj.set_ylim(-0.02, 1.02)
     axj.set_ylabel("Jaccard vs step 0", color="tab:green")
     ax2.set_xlabel("optimizer step")

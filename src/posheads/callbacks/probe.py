@@ -7,8 +7,9 @@ benchmarks run exactly what the callback runs.
 
 Determinism. Every probe batch gets the same query rows and the same seed for the permuted-position null and
 the key sampling whichever rank processes it (rows are seeded by the sequence's index in the probe set, the
-plan by the batch's index), so the statistics summed over ranks equal the single-process statistics up to the
-order of floating-point additions (they are kept in float64).
+plan by the batch's first sequence), so the statistics summed over ranks equal the single-process statistics up
+to the order of floating-point additions (they are kept in float64) -- provided every rank computes the forward
+in the same floating-point way (same kernels and thread count).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,7 +47,8 @@ class ProbeSet:
     Attributes:
         input_ids: int64 ``[N, L]``.
         names: the document of each sequence (``len == N``).
-        seed: the seed the sequences were chosen with (it also seeds the query rows).
+        seed: the seed the sequences were chosen with (the tracker uses ``heads.seed``, which also seeds the
+            query rows of the pass).
         source: where the candidates came from, for the timeline.
     """
 
@@ -57,7 +59,9 @@ class ProbeSet:
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2 or self.input_ids.shape[0] < 1 or self.input_ids.shape[1] < 2:
-            raise ValueError(f"probe input_ids must be [N >= 1, L >= 2], got shape {tuple(self.input_ids.shape)}")
+            raise ValueError(
+                f"probe input_ids must be [N >= 1, L >= 2], got shape {tuple(self.input_ids.shape)}"
+            )
         if len(self.names) != self.input_ids.shape[0]:
             raise ValueError(f"probe has {self.input_ids.shape[0]} sequences but {len(self.names)} names")
 
@@ -134,7 +138,6 @@ class ProbePassResult:
     tokens: int = 0
     seconds: float = 0.0
     forwards: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def nll(self) -> float:

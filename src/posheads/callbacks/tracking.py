@@ -158,11 +158,21 @@ class PositionalHeadTracker(Callback):
         output_dir: str | None = None,
         save_stats: bool = False,
     ) -> None:
-        for name, value in (("every_n_steps", every_n_steps), ("num_sequences", num_sequences), ("length", length)):
+        for name, value in (
+            ("every_n_steps", every_n_steps),
+            ("num_sequences", num_sequences),
+            ("length", length),
+        ):
             if value is None and name == "length":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < (2 if name == "length" else 1):
-                raise ValueError(f"tracking.{name}={value!r} must be an int >= {2 if name == 'length' else 1}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or value < (2 if name == "length" else 1)
+            ):
+                raise ValueError(
+                    f"tracking.{name}={value!r} must be an int >= {2 if name == 'length' else 1}"
+                )
         if ppl not in PPL_MODES:
             raise ValueError(f"tracking.ppl={ppl!r} is not one of {list(PPL_MODES)}")
         if isinstance(heads, dict):
@@ -257,7 +267,7 @@ class PositionalHeadTracker(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "tracked": [list(h) for h in self._tracked or []] if self._tracked is not None else None,
+            "tracked": [list(h) for h in self._tracked] if self._tracked is not None else None,
             "step0": [list(h) for h in self._step0] if self._step0 is not None else None,
             "evaluations": self._evaluations,
             "probe_names": self.probe.names if self.probe is not None else None,
@@ -287,7 +297,9 @@ class PositionalHeadTracker(Callback):
     def _prepare(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Choose the probe set and the perplexity source; resolve ``i_c`` and check the head table."""
         if self._dir is None:  # setup() not called (e.g. the hooks driven by hand)
-            self._dir = Path(self.output_dir) if self.output_dir else Path(trainer.default_root_dir) / "tracking"
+            self._dir = (
+                Path(self.output_dir) if self.output_dir else Path(trainer.default_root_dir) / "tracking"
+            )
         length = self.length if self.length is not None else getattr(pl_module, "target_length", None)
         if self.probe is None:
             if length is None:
@@ -326,8 +338,14 @@ class PositionalHeadTracker(Callback):
         sets = dm.validation_sets() if dm is not None and hasattr(dm, "validation_sets") else {}
         if length in sets:
             vs = sets[length]
-            names = list(vs.window_docs) if len(vs.window_docs) == vs.n_windows else [f"window{i}" for i in range(vs.n_windows)]
-            probe = select_probe(vs.input_ids, names, self.num_sequences, seed, f"validation windows of {length} tokens")
+            names = (
+                list(vs.window_docs)
+                if len(vs.window_docs) == vs.n_windows
+                else [f"window{i}" for i in range(vs.n_windows)]
+            )
+            probe = select_probe(
+                vs.input_ids, names, self.num_sequences, seed, f"validation windows of {length} tokens"
+            )
         elif dm is not None and hasattr(dm, "load_documents"):
             from posheads.data import select_min_length, window_corpus
 
@@ -335,7 +353,13 @@ class PositionalHeadTracker(Callback):
             by_name = {d.name: d for d in val_docs}
             windows = window_corpus(select_min_length(val_docs, length), length)
             ids = torch.stack([by_name[w.doc].ids[w.start : w.end] for w in windows])  # [M, length]
-            probe = select_probe(ids, [w.doc for w in windows], self.num_sequences, seed, f"validation documents, windows of {length} tokens")
+            probe = select_probe(
+                ids,
+                [w.doc for w in windows],
+                self.num_sequences,
+                seed,
+                f"validation documents, windows of {length} tokens",
+            )
         else:
             raise ValueError(
                 "PositionalHeadTracker has no probe set: the data module has neither `validation_sets()` nor "
@@ -378,7 +402,11 @@ class PositionalHeadTracker(Callback):
         strategy = trainer.strategy
         wrapped = strategy.model
         model = pl_module.model
-        redirect = type(strategy).__name__ in _SHARDED_STRATEGIES and wrapped is not None and wrapped is not pl_module
+        redirect = (
+            type(strategy).__name__ in _SHARDED_STRATEGIES
+            and wrapped is not None
+            and wrapped is not pl_module
+        )
         try:
             params = inspect.signature(model.forward).parameters
             keep_ok = "logits_to_keep" in params
@@ -404,11 +432,13 @@ class PositionalHeadTracker(Callback):
 
         return forward
 
-    def _run_pass(self, trainer: Trainer, pl_module: LightningModule) -> tuple[ProbePassResult, dict[str, Any] | None]:
+    def _run_pass(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> tuple[ProbePassResult, dict[str, Any] | None]:
         """The probe pass (+ perplexity) with the module's modes and the RNG states restored afterwards."""
         assert self.probe is not None
         modes = {m: m.training for m in pl_module.modules()}
-        rng = _collect_rng_states(include_cuda=torch.cuda.is_available())
+        rng = _collect_rng_states(include_cuda=torch.cuda.is_available() and torch.cuda.is_initialized())
         device = pl_module.device
         try:
             pl_module.eval()
@@ -426,10 +456,20 @@ class PositionalHeadTracker(Callback):
                 )
             ppl: dict[str, Any] | None = None
             if self._ppl_mode == "probe":
-                ppl = {"source": "probe", "nll": _num(result.nll), "ppl": _num(result.ppl), "tokens": result.tokens}
+                ppl = {
+                    "source": "probe",
+                    "nll": _num(result.nll),
+                    "ppl": _num(result.ppl),
+                    "tokens": result.tokens,
+                }
             elif self._ppl_mode == "module":
                 nll = pl_module.validation_perplexity([self.probe.length])[self.probe.length]
-                ppl = {"source": "module", "nll": _num(nll.nll), "ppl": _num(nll.ppl), "tokens": int(nll.n_tokens)}
+                ppl = {
+                    "source": "module",
+                    "nll": _num(nll.nll),
+                    "ppl": _num(nll.ppl),
+                    "tokens": int(nll.n_tokens),
+                }
         finally:
             for m, training in modes.items():
                 m.train(training)
@@ -445,7 +485,9 @@ class PositionalHeadTracker(Callback):
         step = int(trainer.global_step)
         result, ppl = self._run_pass(trainer, pl_module)
         assert self._i_c is not None and self.probe is not None
-        analysis = analyze(result.stats, self.heads, self._i_c, {"step": step, "probe": self.probe.describe()})
+        analysis = analyze(
+            result.stats, self.heads, self._i_c, {"step": step, "probe": self.probe.describe()}
+        )
         current = analysis.positional_heads()
         if self._step0 is None:
             self._step0 = current
@@ -524,7 +566,10 @@ class PositionalHeadTracker(Callback):
             if v is not None:
                 metrics[key] = v
 
-        for prefix, summary in (("tracking/set", record["tracked_set"]), ("tracking/current_set", record["current_set"])):
+        for prefix, summary in (
+            ("tracking/set", record["tracked_set"]),
+            ("tracking/current_set", record["current_set"]),
+        ):
             for b, v in enumerate(summary["curve"]):
                 put(f"{prefix}/hda_bin{b:02d}", v)
             put(f"{prefix}/hda_extension_bin", summary["extension_bin"])
@@ -539,7 +584,14 @@ class PositionalHeadTracker(Callback):
             if self.log_head_bins:
                 for b, v in enumerate(h["hda"]):
                     put(f"{prefix}/hda_bin{b:02d}", v)
-            for key in ("hda_extension_bin", "hda_extension_distance", "hda_area", "score", "score_excess", "z"):
+            for key in (
+                "hda_extension_bin",
+                "hda_extension_distance",
+                "hda_area",
+                "score",
+                "score_excess",
+                "z",
+            ):
                 put(f"{prefix}/{key}", h[key])
         put("tracking/num_positional_heads", record["num_positional_heads"])
         put("tracking/jaccard_step0", record["jaccard_step0"])
@@ -567,7 +619,9 @@ class PositionalHeadTracker(Callback):
         for logger in wandb_loggers:
             for key, path in images.items():
                 if path.is_file():
-                    logger.log_image(key=key, images=[str(path)], step=record["logger_step"], caption=[f"step {step}"])
+                    logger.log_image(
+                        key=key, images=[str(path)], step=record["logger_step"], caption=[f"step {step}"]
+                    )
 
     def _write_files(self, trainer: Trainer, analysis: HeadAnalysis, step: int) -> None:
         assert self._dir is not None and self._tracked is not None
@@ -620,15 +674,30 @@ class PositionalHeadTracker(Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
         for logger in _wandb_loggers(trainer):
-            columns = ["step", "hda_extension_bin", "hda_area", "jaccard_step0", "num_positional_heads", "ppl"]
+            columns = [
+                "step",
+                "hda_extension_bin",
+                "hda_area",
+                "jaccard_step0",
+                "num_positional_heads",
+                "ppl",
+            ]
             data = [
-                [e["step"], e["tracked_set"]["extension_bin"], e["tracked_set"]["area"], e["jaccard_step0"],
-                 e["num_positional_heads"], (e["ppl"] or {}).get("ppl")]
+                [
+                    e["step"],
+                    e["tracked_set"]["extension_bin"],
+                    e["tracked_set"]["area"],
+                    e["jaccard_step0"],
+                    e["num_positional_heads"],
+                    (e["ppl"] or {}).get("ppl"),
+                ]
                 for e in evals
             ]
             logger.log_table(key="tracking/timeline", columns=columns, data=data, step=step)
             if self.plots and self._dir is not None and (self._dir / "timeline.png").is_file():
-                logger.log_image(key="tracking/timeline_plot", images=[str(self._dir / "timeline.png")], step=step)
+                logger.log_image(
+                    key="tracking/timeline_plot", images=[str(self._dir / "timeline.png")], step=step
+                )
         sa = self._efficiency["spearman_area_ppl"]
         rank_zero_info(
             f"[tracking] efficiency: Spearman(HDA extension, perplexity) = {_rho(sp)}, Spearman(HDA area, perplexity) "

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--documents", type=int, default=8, help="number of probe documents (one window each)")
     p.add_argument("--out", required=True, help="output directory (heads.csv, analysis.json, stats.pt, PNGs)")
     p.add_argument("--rows", type=int, default=64, help="query rows per sequence")
-    p.add_argument("--keys-per-bin", type=int, default=16, help="keys per (head, row, bin); 0 = all keys")
+    p.add_argument("--keys-per-bin", type=int, default=8, help="keys per (head, row, bin); 0 = all keys")
     p.add_argument("--score", default="pearson_weighted", choices=SCORE_VARIANTS)
     p.add_argument("--top-fraction", type=float, default=0.10)
     p.add_argument("--z-threshold", type=float, default=None)

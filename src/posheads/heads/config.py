@@ -40,7 +40,7 @@ class HeadsConfig:
     """
 
     rows_per_sequence: int = 64
-    keys_per_bin: int | None = 16
+    keys_per_bin: int | None = 8
     num_bins: int | None = None
     score: str = DEFAULT_SCORE
     per_pair_distance: str = "linear"

@@ -24,15 +24,18 @@ would keep the between-row association -- rows late in the sequence have both lo
 positional head, higher pairs -- and give a positional head a clearly positive null.)
 
 **Sampling and cost.** Query rows are sampled (stratified over each sequence, seeded: :func:`sample_query_rows`);
-each row's full logit row ``q~_m . K~[:m+1]`` gives the exact attention probabilities. Keys are taken either
-all (``keys_per_bin=None``: the sums are exact for the sampled rows) or stratified by distance bin: bins with at
-most ``2 * keys_per_bin`` keys are enumerated exactly; each larger bin gets ``keys_per_bin`` keys sampled
-uniformly among its valid keys (weight ``n_b / C``, for the unweighted sums) and ``keys_per_bin`` keys sampled
-proportionally to the attention inside the bin (weight ``A_b / C`` with ``A_b`` the bin's exact attention mass,
-for the weighted sums). Both use systematic inverse-CDF sampling (one uniform per stratum of the bin's
-cumulative weight), so every sum is an unbiased estimate and the bin masses are exact. The work runs in key
-chunks of bounded size (never an ``L x L x d/2`` tensor), batched over heads and rows, and reduces each bin with
-one batched matrix product per quantity; histograms use ``bincount``.
+each row's full logit row ``q~_m . K~[:m+1]`` (``O(rows x L x d)``) gives the exact attention probabilities.
+Keys are then taken either all (``keys_per_bin=None``: every sum is exact for the sampled rows) or stratified
+by distance bin with ``C = keys_per_bin`` keys per (head, row, bin): bins with at most ``ceil(C/2)`` keys are
+enumerated exactly; every larger bin gets ``ceil(C/2)`` keys drawn uniformly among its valid keys (shared by
+the heads) and ``C - ceil(C/2)`` keys drawn in proportion to the head's attention inside the bin, with
+Horvitz-Thompson weights for the deterministic mixture (see :meth:`PairStatsCollector._sampled_blocks`), so
+every sum -- unweighted and attention-weighted -- is an unbiased estimate. The cost per layer is then
+``O(rows x heads x log L x C x d/2)`` for the per-pair work, independent of ``L`` but for the logit rows.
+The work runs in chunks of bounded size (never an ``L x L x d/2`` tensor), batched over heads, bins and rows,
+reduces with one batched matrix product per quantity, and builds the histograms with ``bincount``. Sums are
+float32 within one layer's chunks and float64 across layers, batches and processes; the soft pair is
+accumulated centred (``S - (P-1)/2``) for a well-conditioned variance.
 
 **Spearman.** Ranks are taken at bin level: distances within one log2 bin are treated as ties, so the
 weighted Spearman correlation of ``(delta, D)`` is computed exactly (with mid-ranks) from the joint
@@ -287,7 +290,7 @@ class _Block:
     w_a: torch.Tensor
     first_bin: int
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # the chunk kernel flattens (bin, row, slot) views
         self.delta = self.delta.contiguous()
         self.w_u = self.w_u.contiguous()
         self.w_a = self.w_a.contiguous()
@@ -308,12 +311,13 @@ class _LayerSums:
         self.dom_null = z(2, heads * bins * pairs)
 
     def add_to(self, stats: PairStats, layer: int) -> None:
-        stats.p[:, layer] += self.p.double()
-        stats.moments[:, layer] += self.moments.double()
-        stats.g[:, layer] += self.g.double()
-        stats.pp[:, layer] += self.pp.double()
-        stats.dom[:, layer] += self.dom.double().view_as(stats.dom[:, layer])
-        stats.dom_null[:, layer] += self.dom_null.double().view_as(stats.dom_null[:, layer])
+        dev = stats.dom.device
+        stats.p[:, layer] += self.p.to(dev, torch.float64)
+        stats.moments[:, layer] += self.moments.to(dev, torch.float64)
+        stats.g[:, layer] += self.g.to(dev, torch.float64)
+        stats.pp[:, layer] += self.pp.to(dev, torch.float64)
+        stats.dom[:, layer] += self.dom.to(dev, torch.float64).view_as(stats.dom[:, layer])
+        stats.dom_null[:, layer] += self.dom_null.to(dev, torch.float64).view_as(stats.dom_null[:, layer])
 
 
 class PairStatsCollector:
@@ -497,17 +501,16 @@ class PairStatsCollector:
             return cached
         gen = torch.Generator().manual_seed(int(plan.seed) + 104729)
         l_max = valid_delta.shape[1]
-        noise = torch.rand(valid_delta.shape, generator=gen, dtype=torch.float64).to(valid_delta.device)
         null = torch.zeros(valid_delta.shape, dtype=torch.long, device=valid_delta.device)
         for b in torch.unique(b_idx).tolist():
             sel = (b_idx == b).nonzero().flatten()
-            valid = valid_delta[sel].flatten()  # [Nb * Lmax]
-            order = torch.argsort(noise[sel].flatten().masked_fill(~valid, float("inf")))  # valid pairs first
-            rank = (valid.long().cumsum(0) - 1).clamp(min=0)  # rank of each valid pair among the valid ones
-            partner = order[rank]  # the pair whose distance this pair takes
-            null[sel] = torch.where(valid, partner % l_max, torch.zeros_like(partner)).view(
-                sel.numel(), l_max
-            )
+            flat = (
+                valid_delta[sel].flatten().nonzero().flatten()
+            )  # valid (row, distance) pairs of the sequence
+            partner = flat[torch.randperm(flat.numel(), generator=gen).to(flat.device)]  # a random bijection
+            null_b = torch.zeros(sel.numel() * l_max, dtype=torch.long, device=null.device)
+            null_b[flat] = partner % l_max  # the partner's distance
+            null[sel] = null_b.view(sel.numel(), l_max)
         plan._null.update(null=null, valid=valid_delta)
         return null
 

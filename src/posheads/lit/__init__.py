@@ -9,7 +9,14 @@
 * :mod:`posheads.lit.cli` -- the LightningCLI (``main``), run directory, loggers, checkpoints, export, report.
 """
 
-from posheads.lit.config import CheckpointConfig, ExportConfig, OptimConfig, ReportConfig, RunConfig, WandbConfig
+from posheads.lit.config import (
+    CheckpointConfig,
+    ExportConfig,
+    OptimConfig,
+    ReportConfig,
+    RunConfig,
+    WandbConfig,
+)
 from posheads.lit.datamodule import (
     LengthExtensionDataModule,
     ResumableDataLoader,

@@ -63,7 +63,13 @@ _SECTIONS = (
 class SaveResolvedConfig(SaveConfigCallback):
     """Save the resolved config as ``<run>/config.yaml`` (rank 0; overwritten on resume) and log it to W&B."""
 
-    def __init__(self, parser: LightningArgumentParser, config: Namespace, run_dir: str | os.PathLike = ".", **kwargs: Any):
+    def __init__(
+        self,
+        parser: LightningArgumentParser,
+        config: Namespace,
+        run_dir: str | os.PathLike = ".",
+        **kwargs: Any,
+    ):
         kwargs.update(overwrite=True, save_to_log_dir=False)
         super().__init__(parser, config, **kwargs)
         self.run_dir = Path(run_dir)
@@ -136,7 +142,9 @@ class PosheadsCLI(LightningCLI):
 
     @property
     def run_dir(self) -> Path:
-        run: RunConfig = self._section("run") if hasattr(self, "config_init") else RunConfig(**self.config["run"])
+        run: RunConfig = (
+            self._section("run") if hasattr(self, "config_init") else RunConfig(**self.config["run"])
+        )
         return run.dir
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -186,7 +194,9 @@ class PosheadsCLI(LightningCLI):
         trainer_config["callbacks"] = callbacks
         self.save_config_kwargs = {**self.save_config_kwargs, "run_dir": run_dir}
 
-        extra_callbacks = [self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys]
+        extra_callbacks = [
+            self._get(self.config_init, c) for c in self._parser(self.subcommand).callback_keys
+        ]
         return self._instantiate_trainer(trainer_config, extra_callbacks)
 
     def fit(self) -> None:
@@ -198,7 +208,10 @@ class PosheadsCLI(LightningCLI):
         if self.trainer.is_global_zero:
             exporter = next((c for c in self.trainer.callbacks if isinstance(c, HFExport)), None)
             where = exporter.exported if exporter is not None else None
-            print(f"[posheads] run directory: {self.run_dir}" + (f"; final model: {where}" if where else ""), flush=True)
+            print(
+                f"[posheads] run directory: {self.run_dir}" + (f"; final model: {where}" if where else ""),
+                flush=True,
+            )
 
 
 def parse_config(args: ArgsType) -> Namespace:

@@ -256,7 +256,12 @@ class ResumableDataLoader(DataLoader):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
-        current = {"num_rows": sampler.n, "batch_size": self.batch_size, "world_size": sampler.world_size, "seed": sampler.seed}
+        current = {
+            "num_rows": sampler.n,
+            "batch_size": self.batch_size,
+            "world_size": sampler.world_size,
+            "seed": sampler.seed,
+        }
         changed = {k: (state.get(k), v) for k, v in current.items() if state.get(k) != v}
         if changed:
             log.warning(
@@ -324,16 +329,28 @@ class LengthExtensionDataModule(L.LightningDataModule):
         if isinstance(tokenizer, dict):
             tokenizer = ModelConfig(**tokenizer)
         self.corpus = corpus or CorpusConfig()
-        for name, value, low in (("seq_len", seq_len, 2), ("batch_size", batch_size, 1), ("val_batch_size", val_batch_size, 1), ("val_windows", val_windows, 1)):
+        for name, value, low in (
+            ("seq_len", seq_len, 2),
+            ("batch_size", batch_size, 1),
+            ("val_batch_size", val_batch_size, 1),
+            ("val_windows", val_windows, 1),
+        ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ValueError(f"data.{name}={value!r} must be an int >= {low}")
-        for name, value in (("min_doc_tokens", min_doc_tokens), ("num_workers", num_workers), ("split_seed", split_seed), ("shuffle_seed", shuffle_seed)):
+        for name, value in (
+            ("min_doc_tokens", min_doc_tokens),
+            ("num_workers", num_workers),
+            ("split_seed", split_seed),
+            ("shuffle_seed", shuffle_seed),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"data.{name}={value!r} must be an int >= 0")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={val_fraction!r} must be in (0, 1)")
         if val_lengths is not None and (not val_lengths or any(int(n) < 2 for n in val_lengths)):
-            raise ValueError(f"data.val_lengths={val_lengths!r} must be a non-empty list of lengths >= 2 or null")
+            raise ValueError(
+                f"data.val_lengths={val_lengths!r} must be a non-empty list of lengths >= 2 or null"
+            )
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size
@@ -361,7 +378,9 @@ class LengthExtensionDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         module = trainer.lightning_module if trainer is not None else None
         if module is None or not hasattr(module, name):
-            raise ValueError(f"data.{option} is not set and there is no LightningModule with `{name}` to take it from")
+            raise ValueError(
+                f"data.{option} is not set and there is no LightningModule with `{name}` to take it from"
+            )
         return getattr(module, name)
 
     @property
@@ -374,7 +393,9 @@ class LengthExtensionDataModule(L.LightningDataModule):
         return self._tokenizer
 
     def resolved_seq_len(self) -> int:
-        return int(self.seq_len if self.seq_len is not None else self._module_attr("target_length", "seq_len"))
+        return int(
+            self.seq_len if self.seq_len is not None else self._module_attr("target_length", "seq_len")
+        )
 
     def resolved_val_lengths(self) -> list[int]:
         if self.val_lengths is not None:
@@ -402,9 +423,13 @@ class LengthExtensionDataModule(L.LightningDataModule):
     def load_documents(self) -> tuple[list[TokenizedDocument], list[TokenizedDocument]]:
         """Tokenise the corpus and split it: ``(train documents, validation documents)``."""
         if self.train_docs is None or self.val_docs is None:
-            docs = load_token_documents(self.corpus, self.tokenizer, cache_dir=self._cache(), add_bos=self.add_bos)
+            docs = load_token_documents(
+                self.corpus, self.tokenizer, cache_dir=self._cache(), add_bos=self.add_bos
+            )
             if len(docs) < 2:
-                raise ValueError(f"data.corpus has {len(docs)} document(s): need at least 2 to split train / validation")
+                raise ValueError(
+                    f"data.corpus has {len(docs)} document(s): need at least 2 to split train / validation"
+                )
             self.train_docs, self.val_docs = split_by_document(docs, self.val_fraction, self.split_seed)
         return self.train_docs, self.val_docs
 
@@ -414,7 +439,9 @@ class LengthExtensionDataModule(L.LightningDataModule):
             docs = select_min_length(train_docs, self.min_doc_tokens) if self.min_doc_tokens else train_docs
             eos = getattr(self.tokenizer, "eos_token_id", None)
             self.train_rows = pack_sequences(docs, self.resolved_seq_len(), eos_id=eos)  # [N, seq_len]
-            log.info("training data: %d rows of %d tokens from %d documents", *self.train_rows.shape, len(docs))
+            log.info(
+                "training data: %d rows of %d tokens from %d documents", *self.train_rows.shape, len(docs)
+            )
 
     def validation_sets(self) -> dict[int, ValidationSet]:
         """The validation windows per length (built on first use)."""
@@ -437,7 +464,11 @@ class LengthExtensionDataModule(L.LightningDataModule):
                 f"({len(self.train_rows)} rows of {self.train_rows.shape[1]} tokens): use a smaller batch or more data"
             )
         return ResumableDataLoader(
-            TokenRows(self.train_rows), self.batch_size, sampler, num_workers=self.num_workers, pin_memory=False
+            TokenRows(self.train_rows),
+            self.batch_size,
+            sampler,
+            num_workers=self.num_workers,
+            pin_memory=False,
         )
 
     def _val_batch(self, length: int) -> int:
@@ -448,7 +479,9 @@ class LengthExtensionDataModule(L.LightningDataModule):
     def val_dataloader(self) -> list[DataLoader]:
         rank, world = self._rank_world()
         return [
-            DataLoader(ShardedWindows(vs.input_ids, rank, world), batch_size=self._val_batch(length), shuffle=False)
+            DataLoader(
+                ShardedWindows(vs.input_ids, rank, world), batch_size=self._val_batch(length), shuffle=False
+            )
             for length, vs in sorted(self.validation_sets().items())
         ]
 

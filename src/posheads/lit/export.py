@@ -64,15 +64,21 @@ def lora_layers(model: nn.Module) -> dict[str, tuple[str, float, bool]]:
         if isinstance(m, LoraLayer):
             adapters = list(getattr(m, "active_adapters", []) or [])
             if len(adapters) != 1:
-                raise ValueError(f"LoRA layer {name} has active adapters {adapters}; merging needs exactly one")
+                raise ValueError(
+                    f"LoRA layer {name} has active adapters {adapters}; merging needs exactly one"
+                )
             adapter = adapters[0]
             if getattr(m, "use_dora", {}).get(adapter, False):
-                raise ValueError(f"LoRA layer {name} uses DoRA, which merge_lora_state_dict does not implement")
+                raise ValueError(
+                    f"LoRA layer {name} uses DoRA, which merge_lora_state_dict does not implement"
+                )
             out[name] = (adapter, float(m.scaling[adapter]), bool(getattr(m, "fan_in_fan_out", False)))
     return out
 
 
-def merge_lora_state_dict(state: dict[str, torch.Tensor], layers: dict[str, tuple[str, float, bool]]) -> dict[str, torch.Tensor]:
+def merge_lora_state_dict(
+    state: dict[str, torch.Tensor], layers: dict[str, tuple[str, float, bool]]
+) -> dict[str, torch.Tensor]:
     """A peft LoRA state dict merged into the plain base model's state dict.
 
     For every LoRA layer ``n``: ``W = base_layer.weight + scaling * (lora_B @ lora_A)`` (transposed for
@@ -116,9 +122,15 @@ def _save_plain(config: Any, state: dict[str, torch.Tensor], directory: Path) ->
         plain = AutoModelForCausalLM.from_config(config)
     missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
     tied = set(getattr(plain, "_tied_weights_keys", None) or [])
-    missing = [k for k in missing if k not in tied and not (getattr(config, "tie_word_embeddings", False) and k == "lm_head.weight")]
+    missing = [
+        k
+        for k in missing
+        if k not in tied and not (getattr(config, "tie_word_embeddings", False) and k == "lm_head.weight")
+    ]
     if missing or unexpected:
-        raise ValueError(f"exported state dict does not fit {type(plain).__name__}: missing {missing}, unexpected {unexpected}")
+        raise ValueError(
+            f"exported state dict does not fit {type(plain).__name__}: missing {missing}, unexpected {unexpected}"
+        )
     if getattr(config, "tie_word_embeddings", False):
         plain.tie_weights()
     plain.save_pretrained(directory)
@@ -175,16 +187,27 @@ class HFExport(Callback):
     """At the end of training, export the model with :func:`export_pretrained` (all ranks take part, rank 0
     writes, the others wait)."""
 
-    def __init__(self, directory: str | os.PathLike, lora_dir: str | os.PathLike | None = None, dtype: str | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        lora_dir: str | os.PathLike | None = None,
+        dtype: str | None = None,
+    ):
         self.directory = Path(directory)
         self.lora_dir = Path(lora_dir) if lora_dir is not None else None
         self.dtype = dtype
         self.exported: Path | None = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        info = {**pl_module.describe(), "global_step": trainer.global_step, "tokens_seen": getattr(pl_module, "_tokens_seen", None)}
+        info = {
+            **pl_module.describe(),
+            "global_step": trainer.global_step,
+            "tokens_seen": getattr(pl_module, "_tokens_seen", None),
+        }
         rope = getattr(pl_module, "rope", None)
         info["rope"] = rope.to_dict() if rope is not None else None
         lora_dir = self.lora_dir if getattr(pl_module, "is_lora", False) else None
-        self.exported = export_pretrained(pl_module, self.directory, lora_dir=lora_dir, dtype=self.dtype, info=info)
+        self.exported = export_pretrained(
+            pl_module, self.directory, lora_dir=lora_dir, dtype=self.dtype, info=info
+        )
         trainer.strategy.barrier("posheads-export")

@@ -33,7 +33,12 @@ def wandb_environment(run_dir: str | os.PathLike) -> dict[str, str]:
     run_dir = Path(run_dir).resolve()
     home = run_dir / "wandb-home"
     os.environ["WANDB_DIR"] = str(run_dir)
-    for key, sub in (("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config"), ("WANDB_DATA_DIR", "data"), ("WANDB_ARTIFACT_DIR", "artifacts")):
+    for key, sub in (
+        ("WANDB_CACHE_DIR", "cache"),
+        ("WANDB_CONFIG_DIR", "config"),
+        ("WANDB_DATA_DIR", "data"),
+        ("WANDB_ARTIFACT_DIR", "artifacts"),
+    ):
         os.environ.setdefault(key, str(home / sub))
     keys = ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR")
     for key in keys:
@@ -87,7 +92,9 @@ def resolve_wandb_mode(mode: str) -> tuple[str, str]:
     return "online", "API key found and the W&B server is reachable"
 
 
-def build_loggers(run_dir: str | os.PathLike, run_name: str, wandb: WandbConfig | None, resume: bool = False) -> list[Logger]:
+def build_loggers(
+    run_dir: str | os.PathLike, run_name: str, wandb: WandbConfig | None, resume: bool = False
+) -> list[Logger]:
     """``[CSVLogger(<run>/csv), WandbLogger(...)]`` (W&B only when ``wandb.enabled``).
 
     A resumed run (``resume=True``) continues the same W&B run id (stored in ``<run>/wandb_run_id.txt``).

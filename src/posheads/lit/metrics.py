@@ -63,7 +63,9 @@ class TokenNLL(Metric):
         self.add_state("n_tokens", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("n_windows", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, nll_sum: torch.Tensor, n_tokens: torch.Tensor, n_windows: torch.Tensor | int = 0) -> None:
+    def update(
+        self, nll_sum: torch.Tensor, n_tokens: torch.Tensor, n_windows: torch.Tensor | int = 0
+    ) -> None:
         self.nll_sum += nll_sum.detach().to(torch.float64)
         self.n_tokens += torch.as_tensor(n_tokens, device=self.n_tokens.device).long()
         self.n_windows += torch.as_tensor(n_windows, device=self.n_windows.device).long()

@@ -138,7 +138,9 @@ class LengthExtensionModule(L.LightningModule):
         model = load_model(self.lm, rope=self.rope)
         impl = getattr(model.config, "_attn_implementation", None)
         if impl == "eager":
-            raise ValueError(f"model {self.lm.name_or_path!r} loaded with eager attention; set model.lm.attn_implementation")
+            raise ValueError(
+                f"model {self.lm.name_or_path!r} loaded with eager attention; set model.lm.attn_implementation"
+            )
         model.train()  # load_model returns eval mode; Lightning switches modes for validation itself
         self.model = model  # registered as the submodule "model" (state_dict keys "model.<hf keys>")
         self._check_lengths()
@@ -197,7 +199,9 @@ class LengthExtensionModule(L.LightningModule):
             rope = f"{self.rope.method} x{self.rope.factor:g}"
         return {
             "model": self.lm.describe(),
-            "finetuning": "lora(r={}, alpha={:g})".format(self.lm.lora.r, self.lm.lora.alpha) if self.lm.lora else "full",
+            "finetuning": f"lora(r={self.lm.lora.r}, alpha={self.lm.lora.alpha:g})"
+            if self.lm.lora
+            else "full",
             "rope_scaling": rope,
             "original_length": self.original_length,
             "target_length": self.target_length,
@@ -235,7 +239,12 @@ class LengthExtensionModule(L.LightningModule):
         tokens = batch["input_ids"].numel() * self.trainer.world_size
         now = time.perf_counter()
         if self._last_batch_end is not None:
-            self.log("train/tokens_per_sec", tokens / max(now - self._last_batch_end, 1e-9), on_step=True, on_epoch=False)
+            self.log(
+                "train/tokens_per_sec",
+                tokens / max(now - self._last_batch_end, 1e-9),
+                on_step=True,
+                on_epoch=False,
+            )
         self._last_batch_end = now
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -243,11 +252,20 @@ class LengthExtensionModule(L.LightningModule):
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads, norm_type=2.0), on_step=True, on_epoch=False)
+            self.log(
+                "train/grad_norm",
+                torch.nn.utils.get_total_norm(grads, norm_type=2.0),
+                on_step=True,
+                on_epoch=False,
+            )
 
     def _sharded(self) -> bool:
         trainer = self._trainer
-        return trainer is not None and type(trainer.strategy).__name__ in ("FSDPStrategy", "ModelParallelStrategy", "DeepSpeedStrategy")
+        return trainer is not None and type(trainer.strategy).__name__ in (
+            "FSDPStrategy",
+            "ModelParallelStrategy",
+            "DeepSpeedStrategy",
+        )
 
     # ------------------------------------------------------------------------------------ validation
 
@@ -257,7 +275,9 @@ class LengthExtensionModule(L.LightningModule):
             self.val_nll[key] = TokenNLL().to(self.device)
         return self.val_nll[key]  # type: ignore[return-value]
 
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+    def validation_step(
+        self, batch: dict[str, torch.Tensor], batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         input_ids = batch["input_ids"]  # [B, L]
         scored = batch["scored"].bool()  # [B]; False for padding windows (equal batch counts on all ranks)
         labels = input_ids.masked_fill(~scored[:, None], IGNORE_INDEX)  # [B, L]
@@ -313,7 +333,11 @@ class LengthExtensionModule(L.LightningModule):
                 ids = torch.stack([it["input_ids"] for it in items]).to(self.device)  # [b, L]
                 scored = torch.tensor([it["scored"] for it in items], device=self.device)  # [b]
                 labels = ids.masked_fill(~scored[:, None], IGNORE_INDEX)  # [b, L]
-                context = trainer.strategy.precision_plugin.val_step_context() if trainer is not None else contextlib.nullcontext()
+                context = (
+                    trainer.strategy.precision_plugin.val_step_context()
+                    if trainer is not None
+                    else contextlib.nullcontext()
+                )
                 with context:  # autocast as in validation (a fresh context manager per batch)
                     nll, n = self._call("nll_sum", ids, labels)
                 totals += torch.stack([nll.double(), n.double(), scored.sum().double()])
@@ -324,7 +348,9 @@ class LengthExtensionModule(L.LightningModule):
             totals = trainer.strategy.reduce(totals, reduce_op="sum")
         return NLLSum(float(totals[0]), int(totals[1]), int(totals[2]))
 
-    def validation_perplexity(self, lengths: list[int] | None = None, batch_size: int | None = None) -> dict[int, NLLSum]:
+    def validation_perplexity(
+        self, lengths: list[int] | None = None, batch_size: int | None = None
+    ) -> dict[int, NLLSum]:
         """NLL / perplexity on the data module's validation windows (all lengths, or ``lengths``), callable from
         any hook during fitting (all ranks together)."""
         datamodule = self.trainer.datamodule
@@ -332,7 +358,9 @@ class LengthExtensionModule(L.LightningModule):
         out = {}
         for length in sorted(sets if lengths is None else lengths):
             if length not in sets:
-                raise ValueError(f"length {length} has no validation set; validation lengths are {sorted(sets)}")
+                raise ValueError(
+                    f"length {length} has no validation set; validation lengths are {sorted(sets)}"
+                )
             bs = batch_size or datamodule._val_batch(length)
             out[length] = self.evaluate_windows(sets[length].input_ids, batch_size=bs)
         return out
@@ -349,10 +377,15 @@ class LengthExtensionModule(L.LightningModule):
         if total is None:
             estimate = self.trainer.estimated_stepping_batches
             if not math.isfinite(estimate):
-                raise ValueError("optim.total_steps=None and the trainer has no step limit: set trainer.max_steps")
+                raise ValueError(
+                    "optim.total_steps=None and the trainer has no step limit: set trainer.max_steps"
+                )
             total = int(estimate)
         scheduler = build_scheduler(optimizer, self.optim, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1, "name": "lr"},
+        }
 
     # ------------------------------------------------------------------------------------ checkpoints
 

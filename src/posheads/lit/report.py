@@ -38,7 +38,9 @@ __all__ = ["PerplexityReport", "format_report", "rope_removed"]
 @contextlib.contextmanager
 def rope_removed(model: Any, scaling: RopeScaling, original_length: int) -> Iterator[None]:
     """Temporarily evaluate ``model`` with its pre-trained RoPE (scaling ``none``), then re-apply ``scaling``."""
-    apply_rope_scaling_to_model(model, RopeScaling(method="none", original_max_position_embeddings=original_length))
+    apply_rope_scaling_to_model(
+        model, RopeScaling(method="none", original_max_position_embeddings=original_length)
+    )
     try:
         yield
     finally:
@@ -49,7 +51,10 @@ def _row(key: str, label: str, results: dict[int, NLLSum]) -> dict[str, Any]:
     return {
         "key": key,
         "label": label,
-        "results": {str(n): {"nll": r.nll, "ppl": r.ppl, "tokens": r.n_tokens, "windows": r.n_windows} for n, r in sorted(results.items())},
+        "results": {
+            str(n): {"nll": r.nll, "ppl": r.ppl, "tokens": r.n_tokens, "windows": r.n_windows}
+            for n, r in sorted(results.items())
+        },
     }
 
 
@@ -57,11 +62,21 @@ def format_report(rows: list[dict[str, Any]], protocol: dict[str, Any]) -> str:
     """The report as text: a table of perplexity (and NLL in nats) per length, then the protocol lines."""
     lengths = sorted({int(n) for row in rows for n in row["results"]})
     label_width = max([len(r["label"]) for r in rows] + [10])
-    header = " " * label_width + "".join(f"  {'PPL@' + str(n):>10}" for n in lengths) + "".join(f"  {'NLL@' + str(n):>9}" for n in lengths)
+    header = (
+        " " * label_width
+        + "".join(f"  {'PPL@' + str(n):>10}" for n in lengths)
+        + "".join(f"  {'NLL@' + str(n):>9}" for n in lengths)
+    )
     lines = [header]
     for row in rows:
-        cells = "".join(f"  {row['results'][str(n)]['ppl']:>10.3f}" if str(n) in row["results"] else f"  {'-':>10}" for n in lengths)
-        cells += "".join(f"  {row['results'][str(n)]['nll']:>9.4f}" if str(n) in row["results"] else f"  {'-':>9}" for n in lengths)
+        cells = "".join(
+            f"  {row['results'][str(n)]['ppl']:>10.3f}" if str(n) in row["results"] else f"  {'-':>10}"
+            for n in lengths
+        )
+        cells += "".join(
+            f"  {row['results'][str(n)]['nll']:>9.4f}" if str(n) in row["results"] else f"  {'-':>9}"
+            for n in lengths
+        )
         lines.append(f"{row['label']:<{label_width}}{cells}")
     lines.append("protocol:")
     for key, value in protocol.items():
@@ -81,7 +96,13 @@ class PerplexityReport(Callback):
         seed: the run's seed, recorded in the protocol.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, before: bool = True, unscaled_baseline: bool = True, seed: int | None = None):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        before: bool = True,
+        unscaled_baseline: bool = True,
+        seed: int | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.before = before
         self.unscaled_baseline = unscaled_baseline
@@ -105,22 +126,32 @@ class PerplexityReport(Callback):
                 rank_zero_warn("report.unscaled_baseline is skipped under a sharded strategy")
             else:
                 with rope_removed(pl_module.model, scaling, pl_module.original_length):
-                    self.rows.append(_row("unscaled", "pre-trained, RoPE unscaled", pl_module.validation_perplexity()))
+                    self.rows.append(
+                        _row("unscaled", "pre-trained, RoPE unscaled", pl_module.validation_perplexity())
+                    )
         label = f"before fine-tuning ({scaling.method} x{scaling.factor:g})" if scaling else "before training"
         before = pl_module.validation_perplexity()
         self.rows.append(_row("before", label, before))
         if trainer.global_rank == 0:  # the starting point of the validation curves
-            metrics = {f"val/{k}_{n}": v for n, r in before.items() for k, v in (("nll", r.nll), ("ppl", r.ppl))}
+            metrics = {
+                f"val/{k}_{n}": v for n, r in before.items() for k, v in (("nll", r.nll), ("ppl", r.ppl))
+            }
             target = getattr(pl_module, "target_length", None)
             if target in before:
                 metrics.update({"val/nll": before[target].nll, "val/ppl": before[target].ppl})
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=trainer.global_step)
-        rank_zero_info(f"[report] before: { {r['key']: {n: round(v['ppl'], 3) for n, v in r['results'].items()} for r in self.rows} }")
+        rank_zero_info(
+            f"[report] before: { {r['key']: {n: round(v['ppl'], 3) for n, v in r['results'].items()} for r in self.rows} }"
+        )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         scaling = self._scaling(pl_module)
-        what = "fine-tuning" if scaling is not None or pl_module.target_length > pl_module.original_length else "training"
+        what = (
+            "fine-tuning"
+            if scaling is not None or pl_module.target_length > pl_module.original_length
+            else "training"
+        )
         label = f"after {what} ({trainer.global_step} steps)"
         self.rows.append(_row("after", label, pl_module.validation_perplexity()))
         if trainer.global_rank != 0:
@@ -129,7 +160,9 @@ class PerplexityReport(Callback):
         self.text = format_report(self.rows, protocol)
         print("\n" + "=" * 30 + " perplexity report " + "=" * 30 + "\n" + self.text + "\n", flush=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "report.json").write_text(json.dumps({"rows": self.rows, "protocol": protocol}, indent=2, default=str) + "\n")
+        (self.run_dir / "report.json").write_text(
+            json.dumps({"rows": self.rows, "protocol": protocol}, indent=2, default=str) + "\n"
+        )
         metrics = {}
         for row in self.rows:
             for n, r in row["results"].items():
