@@ -216,3 +216,23 @@ def test_interleaved_layout_maps_pairs():
     torch.testing.assert_close(g[:, 1], q[:, 2] * k[:, 2] + q[:, 3] * k[:, 3])
     with pytest.raises(ValueError, match="layout='bad'"):
         to_half_layout(x, "bad")
+
+
+def test_allowed_rows_from_4d_2d_and_implicit_masks():
+    """The statistics read causal + padding masks as sdpa/eager (4D, bool or additive) or flash (2D) build them."""
+    from posheads.heads import AttentionCall
+
+    q, k = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)
+    pad = torch.ones(2, 6, dtype=torch.long)
+    pad[1, :2] = 0
+    full = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    full[1, :, :, :2] = False
+    additive = torch.zeros(2, 1, 6, 6).masked_fill(~full, torch.finfo(torch.float32).min)
+    batch, pos = torch.tensor([0, 1, 1]), torch.tensor([3, 1, 5])
+    expected = torch.tensor([[1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    for mask in (pad, full, additive):
+        call = AttentionCall(0, q, k, mask, 0.3)
+        assert torch.equal(call.allowed_rows(batch, pos), expected)
+        assert call.query_valid().tolist() == [[True] * 6, [False, False] + [True] * 4]
+    implicit = AttentionCall(0, q, k, None, 0.3)
+    assert torch.equal(implicit.allowed_rows(batch, pos), torch.arange(6)[None] <= pos[:, None])

@@ -294,3 +294,38 @@ def test_no_double_counting_and_kv_cache_error():
     ):
         out = model(ids[:, :8], use_cache=True)
         model(ids[:, 8:9], cache=out.past_key_values, use_cache=True)
+
+
+_ALL_REDUCE_SCRIPT = """
+import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from posheads.heads import PairStats, all_reduce
+
+def worker(rank, path):
+    dist.init_process_group("gloo", init_method="file://" + path, rank=rank, world_size=2)
+    stats = PairStats.zeros(1, 2, 3, 4)
+    stats.dom += rank + 1
+    stats.rows += 10 * (rank + 1)
+    all_reduce(stats)
+    assert float(stats.dom[0, 0, 0, 0, 0]) == 3.0 and float(stats.rows) == 30.0
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(sys.argv[1],), nprocs=2)
+    print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.subprocess
+def test_all_reduce_sums_across_processes(tmp_path):
+    """Two gloo processes (spawned from a subprocess: in-process DDP inside pytest hangs) sum their stats."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "all_reduce.py"
+    script.write_text(_ALL_REDUCE_SCRIPT)
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "store")], capture_output=True, text=True, timeout=180
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok")

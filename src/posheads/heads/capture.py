@@ -87,30 +87,48 @@ class AttentionCall:
         """Boolean ``[N, Lk]``: which keys query ``pos[j]`` of sequence ``batch[j]`` may attend to.
 
         Only the requested rows are built (never an ``L x L`` mask when the mask is implicit, i.e. ``None``).
+        Handles the 4D masks of sdpa/eager and the 2D padding masks of the flash implementations.
         """
         lq, lk = self.query.shape[2], self.key.shape[2]
-        mask = self.attention_mask
-        if mask is None:  # pure causal (queries are the last lq positions)
-            k_pos = torch.arange(lk, device=pos.device)
-            return k_pos[None, :] <= (pos + (lk - lq))[:, None]
+        k_pos = torch.arange(lk, device=pos.device)
+        causal = k_pos[None, :] <= (pos + (lk - lq))[:, None]  # queries are the last lq positions
+        mask = self._mask_tensor()
+        if mask is None:
+            return causal
         b = batch if mask.shape[0] > 1 else torch.zeros_like(batch)
+        if mask.dim() == 2:  # [B, Lk] padding mask (1 = token)
+            return causal & mask_allowed(mask)[b]
         return mask_allowed(mask[b, 0, pos])
 
     def query_valid(self) -> torch.Tensor:
         """Boolean ``[B, Lq]``: queries that may attend to themselves (i.e. not padding)."""
         bsz, _, lq, _ = self.query.shape
         lk = self.key.shape[2]
-        mask = self.attention_mask
+        mask = self._mask_tensor()
         if mask is None:
             return torch.ones(bsz, lq, dtype=torch.bool, device=self.query.device)
+        if mask.dim() == 2:
+            return mask_allowed(mask[:, lk - lq :]).expand(bsz, lq)
         diag = torch.diagonal(mask[:, 0, :, lk - lq :], dim1=-2, dim2=-1)  # [B or 1, Lq]
         return mask_allowed(diag).expand(bsz, lq)
 
+    def _mask_tensor(self) -> torch.Tensor | None:
+        mask = self.attention_mask
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            raise ValueError(
+                f"attention mask of type {type(mask).__name__} (flex attention) is not supported by the statistics; "
+                "run the analysis with attn_implementation='sdpa' or 'eager'"
+            )
+        return mask
+
 
 def mask_allowed(mask: torch.Tensor) -> torch.Tensor:
-    """Boolean view of a Transformers attention mask (bool: True = attend; float: additive, 0 = attend)."""
+    """Boolean view of a Transformers attention mask (bool: True = attend; float: additive, 0 = attend;
+    integer: a 2D padding mask, 1 = token)."""
     if mask.dtype == torch.bool:
         return mask
+    if not mask.is_floating_point():
+        return mask != 0
     return mask > torch.finfo(mask.dtype).min / 2
 
 
