@@ -105,6 +105,14 @@ def test_no_document_long_enough_is_a_clear_error():
         perplexity_windows(_docs(), 1000)
 
 
+def test_same_documents_for_every_length():
+    docs = _docs()  # 300, 170, 90, 520 tokens
+    assert {d.name for d, _ in perplexity_windows(docs, 64)} == {"d0", "d1", "d2", "d3"}
+    assert {d.name for d, _ in perplexity_windows(docs, 64, min_document_tokens=256)} == {"d0", "d3"}
+    with pytest.raises(ValueError, match="no document has at least 600 tokens"):
+        perplexity_windows(docs, 64, min_document_tokens=600)
+
+
 def test_caps_on_windows_and_documents():
     pairs = perplexity_windows(_docs(), 64, max_windows_per_doc=2, max_documents=2)
     assert [(d.name, w.start) for d, w in pairs] == [("d0", 0), ("d0", 64), ("d1", 0), ("d1", 64)]

@@ -114,7 +114,8 @@ def test_scores_equal_direct_correlations(run, null):
         got = {v: float(positional_scores(stats, v, null=null, i_c=3)[layer, head]) for v in SCORE_VARIANTS}
         assert got["pearson_weighted"] == pytest.approx(wcorr(x, d["D"], d["a"]), abs=1e-5)
         assert got["pearson"] == pytest.approx(wcorr(x, d["D"], ones), abs=1e-5)
-        assert got["soft_pearson_weighted"] == pytest.approx(wcorr(x, d["S"], d["a"]), abs=1e-5)
+        # the soft pair's moments come from float32 per-pair sums (see the per-pair check below)
+        assert got["soft_pearson_weighted"] == pytest.approx(wcorr(x, d["S"], d["a"]), abs=1e-4)
         bins = distance_bin(dist.long(), nb)
         assert got["spearman_weighted"] == pytest.approx(wspearman_binned(bins, d["D"], d["a"]), abs=1e-5)
         # unweighted Spearman with bin ties is scipy's tie-corrected Spearman

@@ -57,7 +57,7 @@ def test_full_finetuning_lowers_loss_and_exports_a_loadable_model(monkeypatch, t
     before, after = (next(r for r in report["rows"] if r["key"] == k)["results"] for k in ("before", "after"))
     for length in ("32", "64"):
         assert after[length]["nll"] < before[length]["nll"] - 0.5
-    assert report["protocol"]["rope_scaling"] == "yarn x2" and report["protocol"]["training"]["steps"] == 8
+    assert report["protocol"]["rope_scaling"] == "yarn x2" and report["protocol"]["training"]["steps"] == "8"
     rows = metrics_rows(run_dir)
     assert any(r["step"] == "0" and r.get("val/ppl_64") for r in rows)  # the "before" point of the curve
 

@@ -453,6 +453,7 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                     max_windows_per_doc=p.max_windows_per_doc,
                     max_windows=p.max_windows,
                     max_documents=p.max_documents,
+                    min_document_tokens=max(p.lengths) if p.same_documents else None,
                     runner=runner,
                     conditions=todo,
                     on_row=lambda row: results.append("perplexity", row.to_dict()),

@@ -79,6 +79,9 @@ class PerplexitySettings:
             only the tokens the previous one did not), as in the YaRN evaluation.
         score_last: score only the last tokens of each window (the ones that see long context): an int
             ``n`` (last ``n`` tokens) or a float in (0, 1] (that fraction of the window); ``null`` = all.
+        same_documents: every length uses only the documents long enough for the *longest* length, so that
+            lengths are compared on the same text (otherwise each length uses every document that is long
+            enough for it, and short lengths also see short documents).
         max_documents: use at most this many (qualifying) documents per length.
         max_windows_per_doc: at most this many windows per document.
         max_windows: at most this many windows per length (all documents together).
@@ -87,12 +90,15 @@ class PerplexitySettings:
     lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
     stride: int | None = None
     score_last: int | float | None = None
+    same_documents: bool = True
     max_documents: int | None = None
     max_windows_per_doc: int | None = None
     max_windows: int | None = None
 
     def __post_init__(self) -> None:
         self.lengths = _positive_ints("perplexity.lengths", self.lengths)
+        if not isinstance(self.same_documents, bool):
+            raise ValueError(f"perplexity.same_documents={self.same_documents!r} must be a bool")
         if self.stride is not None:
             if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
                 raise ValueError(

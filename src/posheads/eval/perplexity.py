@@ -132,15 +132,19 @@ def perplexity_windows(
     max_windows_per_doc: int | None = None,
     max_windows: int | None = None,
     max_documents: int | None = None,
+    min_document_tokens: int | None = None,
 ) -> list[tuple[TokenizedDocument, Window]]:
-    """The ``(document, window)`` pairs evaluated at ``length``: documents with at least ``length`` tokens,
-    in order, at most ``max_documents`` of them; at most ``max_windows_per_doc`` windows per document and
-    ``max_windows`` in total. Raises ``ValueError`` naming the length when no document is long enough."""
-    long_enough = [d for d in docs if d.n_tokens >= length]
+    """The ``(document, window)`` pairs evaluated at ``length``: documents with at least ``length`` tokens
+    (and at least ``min_document_tokens``: pass the longest length to compare every length on the same
+    documents), in order, at most ``max_documents`` of them; at most ``max_windows_per_doc`` windows per
+    document and ``max_windows`` in total. Raises ``ValueError`` naming the length when no document is long
+    enough."""
+    need = max(length, min_document_tokens or 0)
+    long_enough = [d for d in docs if d.n_tokens >= need]
     if not long_enough:
         longest = max((d.n_tokens for d in docs), default=0)
         raise ValueError(
-            f"perplexity length={length}: no document has at least {length} tokens "
+            f"perplexity length={length}: no document has at least {need} tokens "
             f"(the longest of {len(docs)} has {longest}); use shorter lengths or a corpus of longer documents"
         )
     if max_documents is not None:
@@ -165,6 +169,7 @@ def evaluate_perplexity(
     max_windows_per_doc: int | None = None,
     max_windows: int | None = None,
     max_documents: int | None = None,
+    min_document_tokens: int | None = None,
     runner: ConditionRunner | None = None,
     conditions: Sequence[Condition] | None = None,
     on_row: Callable[[PerplexityRow], None] | None = None,
@@ -177,7 +182,9 @@ def evaluate_perplexity(
     the runner's conditions (e.g. to the ones a resumed run still lacks).
     """
     runner = runner or ConditionRunner(model, [NONE])
-    pairs = perplexity_windows(docs, length, stride, max_windows_per_doc, max_windows, max_documents)
+    pairs = perplexity_windows(
+        docs, length, stride, max_windows_per_doc, max_windows, max_documents, min_document_tokens
+    )
     device = next(model.parameters()).device
     rows: list[PerplexityRow] = []
     for group in runner.groups(length, conditions):

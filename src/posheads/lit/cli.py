@@ -77,7 +77,10 @@ class SaveResolvedConfig(SaveConfigCallback):
     def save_config(self, trainer: Trainer, pl_module: Any, stage: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / self.config_filename
-        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+        try:  # keep explicit nulls: a null that overrides a non-null default must survive a re-run
+            self.parser.save(self.config, str(path), skip_unset=False, overwrite=True, multifile=False)
+        except TypeError:  # jsonargparse < 4.49 names it skip_none
+            self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
         resolved = yaml.safe_load(path.read_text())
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):

@@ -190,8 +190,12 @@ class PerplexityReport(Callback):
         loss = trainer.callback_metrics.get("train/loss")
         seq = int(getattr(pl_module, "target_length", 0))
         world = trainer.world_size
+        planned = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        steps = f"{trainer.global_step}"
+        if planned is not None and trainer.global_step < planned:
+            steps += f" of {planned} (stopped early: trainer.max_time or another stop)"
         out["training"] = {
-            "steps": trainer.global_step,
+            "steps": steps,
             "tokens": getattr(pl_module, "_tokens_seen", None),
             "batch": f"{trainer.accumulate_grad_batches} x {world} x {getattr(datamodule, 'batch_size', '?')} x {seq} tokens",
             "lr": getattr(getattr(pl_module, "optim", None), "lr", None),
