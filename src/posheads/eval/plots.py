@@ -235,36 +235,3 @@ def summary_tables(results: Mapping[str, Any]) -> str:
         )
     return "\n\n".join(parts)
 
-
-def plot_heads(
-    table: Sequence[Mapping[str, Any]], path: str | os.PathLike, value: str = "score"
-) -> Path | None:
-    """Layer x head heat-map of the identification table (``value``: ``score`` or ``z``); Positional Heads
-    are outlined."""
-    if not table:
-        return None
-    plt = _pyplot()
-    from matplotlib.patches import Rectangle
-
-    layers = 1 + max(int(r["layer"]) for r in table)
-    heads = 1 + max(int(r["head"]) for r in table)
-    grid = [[math.nan] * heads for _ in range(layers)]
-    for r in table:
-        v = r.get(value)
-        grid[int(r["layer"])][int(r["head"])] = math.nan if v is None else float(v)
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * heads, 1.0 + 0.22 * layers), layout="constrained")
-    image = ax.imshow(grid, cmap="viridis", aspect="auto", origin="lower")
-    for r in table:
-        if r.get("positional"):
-            ax.add_patch(
-                Rectangle((int(r["head"]) - 0.5, int(r["layer"]) - 0.5), 1, 1, fill=False, ec="red", lw=1.5)
-            )
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
-    ax.set_xticks(range(heads))
-    n_pos = sum(bool(r.get("positional")) for r in table)
-    ax.set_title(f"positional {value} per head ({n_pos} Positional Heads outlined)", fontsize=9)
-    fig.colorbar(image, ax=ax, label=value)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
