@@ -215,28 +215,43 @@ def test_ci_config_end_to_end(tmp_path, one_thread):
 
 
 def test_resume_skips_finished_rows_and_reads_a_previous_table(tmp_path, one_thread, monkeypatch):
-    first = main(_ci(tmp_path, "--tasks", "[heads, perplexity]"))
+    first = main(_ci(tmp_path, "--tasks", "[heads, perplexity]", "--output.plots", "false"))
+    run = str(tmp_path / "run")
     import posheads.eval.cli as cli
 
     def refuse(*args, **kwargs):
         raise AssertionError("a finished row was computed again")
 
     monkeypatch.setattr(cli, "evaluate_perplexity", refuse)
-    again = main(_ci(tmp_path, "--tasks", "[heads, perplexity]", "--output.resume", "true"))
-    assert again["perplexity"] == first["perplexity"]
+    again = main(
+        _ci(
+            tmp_path,
+            "--tasks",
+            "[perplexity]",
+            "--heads.from_results",
+            run,
+            "--output.resume",
+            "true",
+            "--output.plots",
+            "false",
+        )
+    )
+    assert again["perplexity"] == first["perplexity"] and again["heads"] == first["heads"]
 
     # a new run reading the first run's head table reproduces its conditions and numbers
     monkeypatch.undo()
-    other = tmp_path / "other"
+    other = str(tmp_path / "other")
     reused = main(
         _ci(
             tmp_path,
             "--tasks",
             "[perplexity]",
             "--heads.from_results",
-            str(tmp_path / "run"),
+            run,
             "--output.dir",
-            str(other),
+            other,
+            "--output.plots",
+            "false",
         )
     )
     assert reused["conditions"] == first["conditions"]
@@ -244,6 +259,22 @@ def test_resume_skips_finished_rows_and_reads_a_previous_table(tmp_path, one_thr
     by = {(r["condition"], r["length"]): r["nll"] for r in first["perplexity"]}
     for r in reused["perplexity"]:
         assert r["nll"] == pytest.approx(by[(r["condition"], r["length"])], rel=1e-9)
+
+    # resuming into a directory whose conditions differ is refused
+    with pytest.raises(ValueError, match="output.resume=true: the conditions of this run differ"):
+        main(
+            _ci(
+                tmp_path,
+                "--tasks",
+                "[perplexity]",
+                "--heads.from_results",
+                run,
+                "--output.resume",
+                "true",
+                "--sweep.random_seeds",
+                "[7, 8, 9]",
+            )
+        )
 
 
 @pytest.mark.slow

@@ -179,4 +179,9 @@ def test_smollm2_identification(tmp_path):
     a = identify_positional_heads(model, sequences, HeadsConfig(rows_per_sequence=32), progress=False)
     assert a.i_c == 20 and a.scores.shape == (30, 9)
     assert len(a.positional_heads()) == 27
-    assert torch.isfinite(a.scores).all() and abs(float(a.null.mean())) < 0.05
+    assert torch.isfinite(a.scores).all() and torch.isfinite(a.null).all()
+    # two sequences only: each head's null is noisy (attention sinks make few keys carry most weight), but it
+    # is centred on 0 and far below the scores
+    assert abs(float(a.null.mean())) < 0.05 and float(a.null.abs().mean()) < 0.5 * float(
+        a.scores.abs().mean()
+    )

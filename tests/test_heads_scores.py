@@ -57,7 +57,6 @@ def run():
     col.plan = plan
     with torch.no_grad(), capture_qk(model) as rec, attention_hooks(model, col):
         model(ids)
-    null_map = plan.null_map()
     pairs: dict[tuple[int, int], dict[str, list]] = {}
     for layer in rec.queries:
         q, k = rec.queries[layer].double(), rec.keys[layer].double().repeat_interleave(2, dim=1)
@@ -69,7 +68,7 @@ def run():
             for h in range(4):
                 d = pairs.setdefault((layer, h), {k_: [] for k_ in ("delta", "null", "D", "S", "p", "a")})
                 d["delta"].append(m - n)
-                d["null"].append(null_map[(0, m)][m - n])
+                d["null"].append(plan.null_map(layer)[(0, m)][m - n])
                 d["D"].append(g[h].argmax(-1))
                 d["S"].append((p[h] * torch.arange(8)).sum(-1))
                 d["p"].append(p[h])

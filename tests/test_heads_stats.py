@@ -42,7 +42,7 @@ def tiny(kv_heads: int = 2, seed: int = 0, rope_theta: float = 100.0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def brute_force(rec, rows: torch.Tensor, am: torch.Tensor, num_bins: int, null_map) -> PairStats:
+def brute_force(rec, rows: torch.Tensor, am: torch.Tensor, num_bins: int, plan: RowPlan) -> PairStats:
     """Every sum of PairStats from the captured q~/k~, one sampled row at a time, all keys (float64)."""
     layers = sorted(rec.queries)
     q0 = rec.queries[layers[0]]
@@ -51,6 +51,7 @@ def brute_force(rec, rows: torch.Tensor, am: torch.Tensor, num_bins: int, null_m
     out = PairStats.zeros(len(layers), n_heads, num_bins, pairs)
     ar = torch.arange(pairs, dtype=torch.float64)
     for layer in layers:
+        null_map = plan.null_map(layer)
         q = rec.queries[layer].double()
         k = rec.keys[layer].double()
         k = k.repeat_interleave(n_heads // k.shape[1], dim=1)
@@ -119,18 +120,19 @@ def test_exact_statistics_match_brute_force_with_padding(kv_heads: int):
     am[1, :5] = 0
     rows = torch.tensor([[0, 3, 10, 20, 39], [5, 9, 17, 30, -1]])
     collector, plan, rec = run_collector(model, ids, am, rows, keys_per_bin=None, chunk_elements=300)
-    reference = brute_force(rec, rows, am, num_bins_for(length), plan.null_map())
+    reference = brute_force(rec, rows, am, num_bins_for(length), plan)
     assert_stats_close(collector.stats, reference)
     assert float(collector.stats.rows) == 9.0
     # the null distances of a sequence are a permutation of its pooled valid (row, distance) pairs
     for b in range(2):
         pooled, permuted = [], []
-        for (bb, m), null in plan.null_map().items():
+        for (bb, m), null in plan.null_map(0).items():
             if bb == b:
                 valid = [d for d in range(m + 1) if am[b, m - d]]
                 pooled += valid
                 permuted += null[valid].tolist()
         assert sorted(permuted) == sorted(pooled) and permuted != pooled
+    assert any(not torch.equal(plan.null_map(0)[k], plan.null_map(1)[k]) for k in plan.null_map(0))
 
 
 def test_sampled_keys_exact_on_small_bins_and_unbiased():

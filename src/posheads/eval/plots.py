@@ -21,7 +21,6 @@ from typing import Any
 
 __all__ = [
     "condition_families",
-    "plot_heads",
     "plot_perplexity",
     "plot_results",
     "plot_retrieval",

@@ -251,15 +251,16 @@ class RowPlan:
     rows: torch.Tensor
     seed: int
     done_layers: set[int] = field(default_factory=set)
-    _null: dict[str, Any] = field(default_factory=dict, repr=False)
+    _null: dict[int, Any] = field(default_factory=dict, repr=False)
 
-    def null_map(self) -> dict[tuple[int, int], torch.Tensor]:
+    def null_map(self, layer: int) -> dict[tuple[int, int], torch.Tensor]:
         """``{(batch, position): LongTensor [Lmax]}``: the permuted distance ``delta'`` of each distance
-        ``delta`` of a sampled row (meaningful for the row's valid distances), once a layer has run."""
-        if "null" not in self._null:
+        ``delta`` of a sampled row in ``layer`` (meaningful for the row's valid distances), once it has run."""
+        entry = self._null.get(layer)
+        if entry is None:
             return {}
-        b_idx, pos = self._null["rows"]
-        return {(int(b), int(m)): self._null["null"][j].cpu() for j, (b, m) in enumerate(zip(b_idx, pos))}
+        null, (b_idx, pos) = entry
+        return {(int(b), int(m)): null[j].cpu() for j, (b, m) in enumerate(zip(b_idx, pos))}
 
 
 # ------------------------------------------------------------------------------------------------ collector
@@ -479,27 +480,22 @@ class PairStatsCollector:
                 a_delta[:, sel] = probs
         assert a_delta is not None
         valid_f = valid_delta.float()
-        null_delta = self._null_deltas(plan, valid_delta, b_idx)
-        plan._null["rows"] = (b_idx.tolist(), pos.tolist())
+        null_delta = self._null_deltas(plan, call.layer_idx, valid_delta, b_idx)
+        plan._null[call.layer_idx] = (null_delta, (b_idx.tolist(), pos.tolist()))
         return _Rows(b_idx, pos, q_rows, a_delta, valid_f, null_delta)
 
     @staticmethod
-    def _null_deltas(plan: RowPlan, valid_delta: torch.Tensor, b_idx: torch.Tensor) -> torch.Tensor:
+    def _null_deltas(
+        plan: RowPlan, layer: int, valid_delta: torch.Tensor, b_idx: torch.Tensor
+    ) -> torch.Tensor:
         """``[N, Lmax]``: the permuted distance ``delta'`` of every (sampled row, distance) pair.
 
         The distances of all valid (query, key) pairs of the sampled rows of one sequence are randomly
-        permuted among themselves (seeded; the same for every layer), so ``delta'`` is independent of the
-        pair's dominant pair and attention while keeping the sequence's distance distribution.
+        permuted among themselves, so ``delta'`` is independent of the pair's dominant pair and attention while
+        keeping the sequence's distance distribution. Seeded per (plan, layer): the heads of a layer share a
+        permutation, layers draw independent ones (so an average of nulls over layers averages out).
         """
-        cached = plan._null.get("null")
-        previous = plan._null.get("valid")
-        if (
-            cached is not None
-            and previous.shape == valid_delta.shape
-            and bool((previous == valid_delta).all())
-        ):
-            return cached
-        gen = torch.Generator().manual_seed(int(plan.seed) + 104729)
+        gen = torch.Generator().manual_seed(int(plan.seed) * 7907 + 104729 + layer)
         l_max = valid_delta.shape[1]
         null = torch.zeros(valid_delta.shape, dtype=torch.long, device=valid_delta.device)
         for b in torch.unique(b_idx).tolist():
@@ -511,7 +507,6 @@ class PairStatsCollector:
             null_b = torch.zeros(sel.numel() * l_max, dtype=torch.long, device=null.device)
             null_b[flat] = partner % l_max  # the partner's distance
             null[sel] = null_b.view(sel.numel(), l_max)
-        plan._null.update(null=null, valid=valid_delta)
         return null
 
     # ---- the layer's statistics
