@@ -29,8 +29,7 @@ from posheads.heads import (
     RowPlan,
     all_reduce,
     attention_hooks,
-    collector_for_model,
-    num_bins_for,
+    collector_for_config,
     sample_query_rows,
 )
 
@@ -191,17 +190,7 @@ def run_probe_pass(
         device = next(model.parameters()).device
     n, length = probe.input_ids.shape
     cfg = cfg or HeadsConfig()
-    collector = collector_for_model(
-        model,
-        cfg.num_bins or num_bins_for(length),
-        rows_per_sequence=cfg.rows_per_sequence,
-        keys_per_bin=cfg.keys_per_bin,
-        temperature=cfg.temperature,
-        layout=cfg.layout,
-        chunk_elements=cfg.chunk_elements,
-        seed=cfg.seed,
-        device=device,
-    )
+    collector = collector_for_config(model, cfg, length, device)
     mine, forwards = shard_batches(n, cfg.batch_size, rank, world_size)
     nll = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0

@@ -31,7 +31,7 @@ from posheads.heads.hda import (
     resolve_critical_pair,
     set_average,
 )
-from posheads.heads.identify import HeadAnalysis, analyze, identify_positional_heads
+from posheads.heads.identify import HeadAnalysis, analyze, collector_for_config, identify_positional_heads
 from posheads.heads.scores import (
     DEFAULT_SCORE,
     SCORE_VARIANTS,
@@ -76,6 +76,7 @@ __all__ = [
     "attention_modules",
     "bin_edges",
     "capture_qk",
+    "collector_for_config",
     "collector_for_model",
     "critical_pair_for",
     "distance_bin",

@@ -30,6 +30,7 @@ from posheads.heads.scores import (
 )
 from posheads.heads.stats import (
     PairStats,
+    PairStatsCollector,
     RowPlan,
     bin_edges,
     collector_for_model,
@@ -37,7 +38,7 @@ from posheads.heads.stats import (
     sample_query_rows,
 )
 
-__all__ = ["HeadAnalysis", "analyze", "identify_positional_heads"]
+__all__ = ["HeadAnalysis", "analyze", "collector_for_config", "identify_positional_heads"]
 
 # score variants reported next to the configured one in the per-head table
 _EXTRA_SCORES = ("pearson", "spearman_weighted", "soft_pearson_weighted", "per_pair_weighted")
@@ -244,6 +245,23 @@ def _decoder(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
+def collector_for_config(
+    model: nn.Module, cfg: HeadsConfig, length: int, device: torch.device | None = None
+) -> PairStatsCollector:
+    """The statistics collector that ``cfg`` describes, shaped after ``model``, for sequences of ``length``."""
+    return collector_for_model(
+        model,
+        cfg.num_bins or num_bins_for(length),
+        rows_per_sequence=cfg.rows_per_sequence,
+        keys_per_bin=cfg.keys_per_bin,
+        temperature=cfg.temperature,
+        layout=cfg.layout,
+        chunk_elements=cfg.chunk_elements,
+        seed=cfg.seed,
+        device=device if device is not None else next(model.parameters()).device,
+    )
+
+
 def identify_positional_heads(
     model: nn.Module,
     sequences: torch.Tensor,
@@ -277,19 +295,8 @@ def identify_positional_heads(
     )
     cfg.validate_for(max(modules) + 1, int(first.config.num_attention_heads), head_dim)
     n_seq, length = sequences.shape
-    num_bins = cfg.num_bins or num_bins_for(length)
     device = next(model.parameters()).device
-    collector = collector_for_model(
-        model,
-        num_bins,
-        rows_per_sequence=cfg.rows_per_sequence,
-        keys_per_bin=cfg.keys_per_bin,
-        temperature=cfg.temperature,
-        layout=cfg.layout,
-        chunk_elements=cfg.chunk_elements,
-        seed=cfg.seed,
-        device=device,
-    )
+    collector = collector_for_config(model, cfg, length, device)
     decoder = _decoder(model)
     was_training = model.training
     model.eval()
