@@ -20,8 +20,8 @@ Variants (``SCORE_VARIANTS``):
 * ``per_pair_weighted`` / ``per_pair``: ``r_{h,i} = corr(t, p_i)`` per pair (``t = delta`` by default, or
   ``log(1 + delta)``), summarised as ``mean_{i >= i_c} r - mean_{i < i_c} r``.
 
-**Null.** Every variant is also computed with the permuted distances ``delta'`` (key positions permuted within
-each sampled row; see :mod:`posheads.heads.stats`), which keeps the attention pattern and the pair allocation
+**Null.** Every variant is also computed with the permuted distances ``delta'`` (the distances of all sampled
+(query, key) pairs of a sequence permuted among themselves; see :mod:`posheads.heads.stats`), which keeps the attention pattern and the pair allocation
 but breaks their link to distance: its expectation is 0 for every head.
 
 **z-score.** Raw correlations can be positive in every head (high-frequency pairs average out over
