@@ -233,4 +233,3 @@ def summary_tables(results: Mapping[str, Any]) -> str:
             + _table(["condition"] + [str(L) for L in lengths], body)
         )
     return "\n\n".join(parts)
-
