@@ -48,7 +48,7 @@ from posheads.eval.sweep import (
     resolve_critical_pair,
     validate_heads,
 )
-from posheads.models import TINY, ModelConfig
+from posheads.models import ModelConfig
 
 log = logging.getLogger("posheads.eval")
 
@@ -93,17 +93,9 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
 
 def peek_model_config(cfg: ModelConfig) -> Any:
     """The Transformers config of ``cfg``'s model without loading its weights."""
-    if cfg.name_or_path == TINY:
-        from posheads.models import tiny_llama
+    from posheads.models import load_model_config
 
-        return tiny_llama(cfg.tiny).config  # the tiny model is built in milliseconds
-    from transformers import AutoConfig
-
-    from posheads.models.loading import _resolve  # the loader's own path resolution (hub id / dir / gguf)
-
-    where, gguf, _local = _resolve(cfg.name_or_path, cfg.gguf_file)
-    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
-    return AutoConfig.from_pretrained(where, **kwargs)
+    return load_model_config(cfg)
 
 
 def supported_length(config: Any, rope: Any) -> int | None:

@@ -13,9 +13,11 @@ from posheads.models.loading import (
     cache_root,
     decoder_layers,
     load_model,
+    load_model_config,
     load_tokenizer,
     smollm2_package_dir,
     tiny_llama,
+    tiny_llama_config,
     tiny_tokenizer,
 )
 
@@ -32,8 +34,10 @@ __all__ = [
     "cache_root",
     "decoder_layers",
     "load_model",
+    "load_model_config",
     "load_tokenizer",
     "smollm2_package_dir",
     "tiny_llama",
+    "tiny_llama_config",
     "tiny_tokenizer",
 ]

@@ -18,6 +18,7 @@ gradient checkpointing.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -29,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
     from posheads.rope import RopeScaling
 
@@ -176,7 +177,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>"
+    )
     assert fast.bos_token_id == 256 and fast.eos_token_id == 257 and fast.pad_token_id == 258
     return fast
 
@@ -195,14 +198,12 @@ def _byte_of(ch: str) -> int:
 TINY_VOCAB_SIZE = 259
 
 
-def tiny_llama(spec: TinySpec | None = None, **overrides: Any) -> PreTrainedModel:
-    """A randomly initialised Llama small enough for unit tests (seeded, float32, sdpa attention)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama_config(spec: TinySpec | None = None) -> PretrainedConfig:
+    """The ``LlamaConfig`` of :func:`tiny_llama` (sdpa attention, byte-tokenizer vocabulary)."""
+    from transformers import LlamaConfig
 
     spec = spec or TinySpec()
-    if overrides:
-        spec = TinySpec(**{**spec.__dict__, **overrides})
-    config = LlamaConfig(
+    return LlamaConfig(
         vocab_size=TINY_VOCAB_SIZE,
         hidden_size=spec.num_heads * spec.head_dim,
         intermediate_size=spec.intermediate_size,
@@ -218,6 +219,16 @@ def tiny_llama(spec: TinySpec | None = None, **overrides: Any) -> PreTrainedMode
         tie_word_embeddings=False,
         attn_implementation="sdpa",
     )
+
+
+def tiny_llama(spec: TinySpec | None = None, **overrides: Any) -> PreTrainedModel:
+    """A randomly initialised Llama small enough for unit tests (seeded, float32, sdpa attention)."""
+    from transformers import LlamaForCausalLM
+
+    spec = spec or TinySpec()
+    if overrides:
+        spec = TinySpec(**{**spec.__dict__, **overrides})
+    config = tiny_llama_config(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = LlamaForCausalLM(config)
@@ -267,10 +278,9 @@ def _smollm2_cached_checkpoint() -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)  # atomic: concurrent loaders never see half a checkpoint
-        except OSError:  # another process won the race
-            pass
+        # atomic: concurrent loaders never see half a checkpoint; OSError = another process won the race
+        with contextlib.suppress(OSError):
+            os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -323,11 +333,33 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     except OSError as err:
         if local:
-            raise ModelLoadError(f"{option}={name!r}: no tokenizer could be loaded from {where}: {err}") from err
+            raise ModelLoadError(
+                f"{option}={name!r}: no tokenizer could be loaded from {where}: {err}"
+            ) from err
         raise _hub_error(option, name, err) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_model_config(cfg: ModelConfig) -> PretrainedConfig:
+    """The Transformers config of ``cfg``'s model without loading its weights (for validation up front)."""
+    from transformers import AutoConfig
+
+    if cfg.name_or_path == TINY:
+        return tiny_llama_config(cfg.tiny)
+    where, gguf, local = _resolve(cfg.name_or_path, cfg.gguf_file)
+    kwargs: dict[str, Any] = {"gguf_file": gguf} if gguf else {}
+    if cfg.revision and not local:
+        kwargs["revision"] = cfg.revision
+    try:
+        return AutoConfig.from_pretrained(where, **kwargs)
+    except OSError as err:
+        if local:
+            raise ModelLoadError(
+                f"model.name_or_path={cfg.name_or_path!r}: no config in {where}: {err}"
+            ) from err
+        raise _hub_error("model.name_or_path", cfg.name_or_path, err) from err
 
 
 def load_model(cfg: ModelConfig, rope: RopeScaling | None = None) -> PreTrainedModel:
@@ -351,7 +383,9 @@ def load_model(cfg: ModelConfig, rope: RopeScaling | None = None) -> PreTrainedM
             model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
         except OSError as err:
             if local:
-                raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r}: cannot load from {where}: {err}") from err
+                raise ModelLoadError(
+                    f"model.name_or_path={cfg.name_or_path!r}: cannot load from {where}: {err}"
+                ) from err
             raise _hub_error("model.name_or_path", cfg.name_or_path, err) from err
     if rope is not None:
         from posheads.rope import apply_rope_scaling_to_model
@@ -376,7 +410,9 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings, input_grads: bool = F
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [t for t in lora.target_modules if t not in names]
     if missing:
-        raise ValueError(f"model.lora.target_modules={lora.target_modules!r}: {missing} not found in the model")
+        raise ValueError(
+            f"model.lora.target_modules={lora.target_modules!r}: {missing} not found in the model"
+        )
     if input_grads:  # checkpointed blocks need a grad-requiring input when the embeddings are frozen
         model.enable_input_require_grads()
     peft_cfg = LoraConfig(
