@@ -13,7 +13,6 @@ from posheads.models import (
     LoraSettings,
     ModelConfig,
     ModelLoadError,
-    TinySpec,
     decoder_layers,
     load_model,
     load_tokenizer,
@@ -52,7 +51,9 @@ def test_load_model_tiny_with_options():
 
 
 def test_lora_only_adapters_train():
-    model = load_model(ModelConfig(name_or_path="tiny", lora=LoraSettings(r=4, target_modules=["q_proj", "v_proj"])))
+    model = load_model(
+        ModelConfig(name_or_path="tiny", lora=LoraSettings(r=4, target_modules=["q_proj", "v_proj"]))
+    )
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert any("q_proj" in n for n in trainable) and not any("k_proj" in n for n in trainable)
@@ -118,7 +119,11 @@ def test_local_directory_roundtrip(tmp_path):
 def test_smollm2_offline_perplexity(smollm2):
     """The offline SmolLM2-135M has sane perplexity (< 30) on 1k tokens of standard-library code."""
     model, tok = smollm2
-    assert (model.config.num_hidden_layers, model.config.num_attention_heads, model.config.num_key_value_heads) == (30, 9, 3)
+    assert (
+        model.config.num_hidden_layers,
+        model.config.num_attention_heads,
+        model.config.num_key_value_heads,
+    ) == (30, 9, 3)
     assert model.config.rope_parameters["rope_theta"] == pytest.approx(1e5)
     text = (Path(sysconfig.get_paths()["stdlib"]) / "argparse.py").read_text()
     ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"][:1024]])
