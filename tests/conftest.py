@@ -9,9 +9,14 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# Tiny models gain nothing from threads, and on a busy 2-core machine oversubscribed OpenMP threads are many
+# times slower (measured: tests/test_train_fit.py 146 s -> 35 s at load 5). Subprocess scripts inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import torch
+
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,15 +19,6 @@ from posheads.models import TinySpec, tiny_llama, tiny_tokenizer
 SPEC = TinySpec(num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads and lose a lot to OpenMP contention on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def model():
     return tiny_llama(SPEC)

@@ -147,17 +147,7 @@ def test_previous_head_table_is_validated(tmp_path, no_weights):
         main(_ci(tmp_path, "--tasks", "[perplexity]", "--heads.from_results", str(table)))
 
 
-@pytest.fixture
-def one_thread():
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def test_ci_config_end_to_end(tmp_path, one_thread):
+def test_ci_config_end_to_end(tmp_path):
     data = main(_ci(tmp_path))
     run = tmp_path / "run"
     on_disk = json.loads((run / "results.json").read_text())
@@ -214,7 +204,7 @@ def test_ci_config_end_to_end(tmp_path, one_thread):
     assert (run / "heads.csv").is_file()
 
 
-def test_resume_skips_finished_rows_and_reads_a_previous_table(tmp_path, one_thread, monkeypatch):
+def test_resume_skips_finished_rows_and_reads_a_previous_table(tmp_path, monkeypatch):
     first = main(_ci(tmp_path, "--tasks", "[heads, perplexity]", "--output.plots", "false"))
     run = str(tmp_path / "run")
     import posheads.eval.cli as cli
@@ -278,7 +268,7 @@ def test_resume_skips_finished_rows_and_reads_a_previous_table(tmp_path, one_thr
 
 
 @pytest.mark.slow
-def test_wandb_logging_offline(tmp_path, one_thread, monkeypatch):
+def test_wandb_logging_offline(tmp_path, monkeypatch):
     """With output.wandb set, tables, summary values and the PNGs go to an (offline) W&B run in the run dir."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR"):

@@ -18,15 +18,6 @@ from posheads.eval.conditions import NONE, Condition, ConditionRunner
 from posheads.eval.retrieval import evaluate_retrieval, greedy_decode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads and lose a lot to OpenMP contention on a busy 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def tok():
     from posheads.models import tiny_tokenizer

@@ -20,7 +20,7 @@ from posheads.lit.metrics import causal_nll_sum
 from posheads.models import ModelConfig, load_model
 
 sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from train_helpers import one_torch_thread, tiny_config, wandb_records, write_config  # noqa: E402, F401 (fixture)
+from train_helpers import tiny_config, wandb_records, write_config  # noqa: E402
 
 
 def run_cli(

@@ -4,8 +4,6 @@ validation windows, the NLL metric, LoRA merging and export, W&B mode resolution
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,9 +24,6 @@ from posheads.lit.module import LengthExtensionModule
 from posheads.lit.optim import LRSchedule, build_optimizer, decays
 from posheads.models import LoraSettings, ModelConfig, TinySpec, load_model
 from posheads.rope import RopeScaling
-
-sys.path.insert(0, str(Path(__file__).parent / "scripts"))
-from train_helpers import one_torch_thread  # noqa: E402, F401 (autouse fixture)
 
 SMALL = TinySpec(
     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64, max_position_embeddings=32

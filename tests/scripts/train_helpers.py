@@ -5,22 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import pytest
-import torch
 import yaml
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread(monkeypatch):
-    """Tiny models train fastest on one thread, and on a busy 2-core machine oversubscribed OpenMP threads are
-    many times slower (measured: 146 s -> 35 s for tests/test_train_fit.py at load 5). The CLI sets both from
-    ``run.torch_threads``; restore them after each test. Import it into a test module to use it."""
-    threads = torch.get_num_threads()
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 #: A 2-layer Llama with a 32-token "pre-trained" context, extended to 64 with YaRN, on 40 help topics.
 TINY_SPEC = {
