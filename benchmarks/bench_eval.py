@@ -9,6 +9,7 @@ Usage::
 
     python benchmarks/bench_eval.py                    # tiny model (seconds)
     python benchmarks/bench_eval.py --model smollm2 --length 1024 --windows 2 --conditions 4
+    python benchmarks/bench_eval.py --model smollm2 --length 8192 --windows 4 --conditions 11   # GPU
 
 On CPU a batched forward costs about as much as the sequential forwards it replaces (the work is the same
 and the CPU is already busy); on a GPU it saves the per-forward overheads and fills the device.
@@ -32,7 +33,7 @@ from posheads.models import ModelConfig, TinySpec, load_model, load_tokenizer
 def plain_loop(model, pairs):
     total, count = 0.0, 0
     for doc, w in pairs:
-        ids = doc.ids[w.start : w.end][None]
+        ids = doc.ids[w.start : w.end][None].to(model.device)
         labels = ids.clone()
         labels[:, : w.score_offset] = -100
         n = int((labels[:, 1:] != -100).sum())
@@ -46,8 +47,12 @@ def plain_loop(model, pairs):
 def timed(fn, repeat):
     best, out = math.inf, None
     for _ in range(repeat):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         t = time.perf_counter()
         out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t)
     return best, out
 
@@ -60,6 +65,7 @@ def main() -> None:
     ap.add_argument("--conditions", type=int, default=4, help="conditions in the batched-vs-sequential part")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, ... (auto: cuda when available)")
     ap.add_argument(
         "--stride", type=int, default=None, help="sliding-window stride (default: disjoint windows)"
     )
@@ -71,11 +77,13 @@ def main() -> None:
         name_or_path=args.model,
         tiny=TinySpec(num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32, max_position_embeddings=4096),
     )
-    model, tok = load_model(cfg), load_tokenizer(cfg)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tok = load_model(cfg).to(device), load_tokenizer(cfg)
     docs = load_token_documents(CorpusConfig(kind="pydoc"), tok, progress=False)
     pairs = perplexity_windows(docs, args.length, stride=args.stride, max_windows=args.windows)
     print(
-        f"model={cfg.describe()} length={args.length} windows={len(pairs)} threads={torch.get_num_threads()}"
+        f"model={cfg.describe()} length={args.length} windows={len(pairs)} device={device} "
+        f"threads={torch.get_num_threads()}"
     )
 
     t_plain, ref = timed(lambda: plain_loop(model, pairs), args.repeat)

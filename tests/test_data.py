@@ -243,6 +243,22 @@ def test_corpus_config_validation_names_option_and_value():
     with pytest.raises(ValueError, match="corpus.text_field=''"):
         CorpusConfig(text_field="")
     assert CorpusConfig(kind="files", paths="a.txt").paths == ["a.txt"]
+    with pytest.raises(ValueError, match=r"corpus.paths=\['/nonexistent/Lib'\]: corpus.kind='stdlib'"):
+        CorpusConfig(kind="stdlib", paths=["/nonexistent/Lib"])
+
+
+def test_stdlib_corpus_from_another_root_gives_the_same_documents(tmp_path):
+    """``corpus.paths`` points the stdlib kinds at a copy of a standard library (another Python's, say)."""
+    own = build_corpus(CorpusConfig(max_documents=3))
+    files = StdlibCorpus().files()[:3]
+    for f in files:
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    copied = build_corpus(CorpusConfig(paths=[str(tmp_path)]))
+    assert isinstance(copied, StdlibCorpus) and copied.root == tmp_path
+    assert [(d.name, d.text) for d in copied.documents()] == [(d.name, d.text) for d in own.documents()]
+    combined = build_corpus(CorpusConfig(kind="stdlib+pydoc", paths=[str(tmp_path)]))
+    first_topic = next(iter(PydocTopicsCorpus().documents())).name
+    assert [d.name for d in combined.documents()][:4] == [d.name for d in own.documents()] + [first_topic]
 
 
 def test_build_corpus_kinds():

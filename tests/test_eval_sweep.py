@@ -147,10 +147,13 @@ def test_read_head_table_forms(tmp_path):
         read_head_table(tmp_path / "nope.json")
 
 
-def test_lowest_heads_rank_by_excess_when_the_table_has_it():
+def test_lowest_heads_follow_the_tables_rank_else_the_score(tmp_path):
     rows = _table()
-    for r in rows:  # excess ranks the heads in reverse of score
-        r["excess"] = -r["score"]
+    assert lowest_heads(rows, 2) == [(0, 0), (0, 1)]  # no rank column: by score
+    rows[0]["score"] = None  # missing scores rank last
+    assert lowest_heads(rows, 2) == [(0, 1), (0, 2)]
+    for i, r in enumerate(rows):  # a rank (e.g. from heads.rank_by=excess) that reverses the score order
+        r["rank"] = i + 1
     assert lowest_heads(rows, 2) == [(3, 4), (3, 5)]
-    rows[-1]["excess"] = None  # missing values rank last
-    assert lowest_heads(rows, 2) == [(3, 3), (3, 4)]
+    (tmp_path / "results.json").write_text(json.dumps({"heads": rows}))
+    assert [r["rank"] for r in read_head_table(tmp_path)] == list(range(1, 25))

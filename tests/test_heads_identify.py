@@ -84,6 +84,26 @@ def test_planted_head_is_found_and_null_is_near_zero(planted_analysis):
     assert a.positional_heads() == [PLANTED]
 
 
+def test_rank_by_score_or_excess(planted_analysis):
+    """Selection, rank and z follow ``rank_by``: the score (default) or ``score - null``."""
+    import dataclasses
+
+    from posheads.heads.identify import analyze
+
+    a = planted_analysis
+    assert a.config.rank_by == "score" and torch.equal(a.ranking, a.scores)
+    cfg = dataclasses.replace(a.config, rank_by="excess", top_fraction=0.5)
+    b = analyze(a.stats, cfg, a.i_c)
+    assert torch.equal(b.ranking, b.excess) and torch.equal(b.scores, a.scores)
+    for analysis in (b, analyze(a.stats, dataclasses.replace(cfg, rank_by="score"), a.i_c)):
+        value = torch.nan_to_num(analysis.ranking, nan=-9).flatten()
+        top = set(torch.argsort(value, descending=True)[:4].tolist())
+        assert {layer * 4 + h for layer, h in analysis.positional_heads()} == top
+        ranks = {(r["layer"], r["head"]): r["rank"] for r in analysis.table()}
+        assert [ranks[divmod(int(i), 4)] for i in torch.argsort(value, descending=True)] == list(range(1, 9))
+        assert int(torch.nan_to_num(analysis.z, nan=-9).flatten().argmax()) == int(value.argmax())
+
+
 def test_sampled_keys_agree_with_exact(planted_analysis):
     model = planted_model()
     sequences = torch.randint(0, 97, (3, 256), generator=torch.Generator().manual_seed(0))

@@ -11,6 +11,7 @@ import torch
 from posheads.data import TokenizedDocument
 from posheads.lit.config import CheckpointConfig, ExportConfig, OptimConfig, RunConfig, WandbConfig
 from posheads.lit.datamodule import (
+    LengthExtensionDataModule,
     ResumableDataLoader,
     ResumableSampler,
     ShardedWindows,
@@ -150,6 +151,24 @@ def test_resumable_loader_ignores_a_state_for_different_data(caplog):
 
 
 # ----------------------------------------------------------------------------------------- validation windows
+
+
+def test_training_order_follows_seed_everything_unless_shuffle_seed_is_set(monkeypatch):
+    """``data.shuffle_seed: null`` takes the run's ``seed_everything``, so seeds of one config differ in order."""
+    import lightning as L
+
+    def order(seed_everything: int, **kwargs) -> list[int]:
+        L.seed_everything(seed_everything, verbose=False)
+        dm = LengthExtensionDataModule(**kwargs)
+        dm.train_rows = torch.zeros(64, 8, dtype=torch.long)
+        return list(iter(dm.train_dataloader().sampler))
+
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    assert order(0) == list(ResumableSampler(64, True, 0))
+    assert order(1) == list(ResumableSampler(64, True, 1)) != order(0)
+    assert order(1, shuffle_seed=0) == order(0) == order(5, shuffle_seed=0)
+    with pytest.raises(ValueError, match="data.shuffle_seed=-1"):
+        LengthExtensionDataModule(shuffle_seed=-1)
 
 
 def _docs(*lengths: int) -> list[TokenizedDocument]:

@@ -437,7 +437,9 @@ class CorpusConfig:
         kind: ``"stdlib"`` (CPython standard library source, the default), ``"pydoc"`` (help topics),
             ``"stdlib+pydoc"`` (both), ``"files"`` (local files, see :class:`LocalFilesCorpus`) or ``"hf"``
             (a ``datasets`` name, see :class:`HFDatasetCorpus`).
-        paths: files / directories for ``kind="files"``; for ``kind="hf"`` they are passed as ``data_files``.
+        paths: files / directories for ``kind="files"``; for ``kind="hf"`` they are passed as ``data_files``;
+            for the stdlib kinds at most one directory, read instead of the running interpreter's standard
+            library (e.g. a copy of CPython 3.11's ``Lib/`` to reproduce numbers measured with 3.11 elsewhere).
         name: the ``datasets`` name for ``kind="hf"``.
         config_name, split, streaming: ``datasets.load_dataset`` arguments for ``kind="hf"``.
         text_field: the text column (``hf``) or JSONL key (``files``).
@@ -472,6 +474,15 @@ class CorpusConfig:
             raise ValueError(
                 "corpus.paths=[] is empty but corpus.kind='files' needs at least one file or directory"
             )
+        if (
+            self.kind in ("stdlib", "stdlib+pydoc")
+            and self.paths
+            and (len(self.paths) > 1 or not Path(self.paths[0]).is_dir())
+        ):
+            raise ValueError(
+                f"corpus.paths={self.paths!r}: corpus.kind={self.kind!r} takes at most one path, an existing "
+                "directory holding a standard library's .py files (default: the running interpreter's)"
+            )
         if self.kind == "hf" and not self.name:
             raise ValueError(
                 f"corpus.name={self.name!r}: corpus.kind='hf' needs a datasets name (e.g. 'wikitext')"
@@ -497,14 +508,13 @@ class CorpusConfig:
 def build_corpus(cfg: CorpusConfig) -> DocumentSource:
     """The :class:`DocumentSource` described by ``cfg``."""
     source: DocumentSource
-    if cfg.kind == "stdlib":
-        source = StdlibCorpus(subpackages=cfg.subpackages, include_tests=cfg.include_tests)
+    if cfg.kind in ("stdlib", "stdlib+pydoc"):
+        root = cfg.paths[0] if cfg.paths else None
+        source = StdlibCorpus(subpackages=cfg.subpackages, include_tests=cfg.include_tests, root=root)
+        if cfg.kind == "stdlib+pydoc":
+            source = ConcatCorpus([source, PydocTopicsCorpus()])
     elif cfg.kind == "pydoc":
         source = PydocTopicsCorpus()
-    elif cfg.kind == "stdlib+pydoc":
-        source = ConcatCorpus(
-            [StdlibCorpus(subpackages=cfg.subpackages, include_tests=cfg.include_tests), PydocTopicsCorpus()]
-        )
     elif cfg.kind == "files":
         source = LocalFilesCorpus(cfg.paths, text_field=cfg.text_field, pattern=cfg.pattern)
     elif cfg.kind == "hf":

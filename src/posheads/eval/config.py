@@ -400,6 +400,12 @@ class EvalConfig:
         self.tasks = [t for t in TASKS if t in self.tasks]  # canonical order
         if self.length_policy not in LENGTH_POLICIES:
             raise ValueError(f"length_policy={self.length_policy!r} is not one of {list(LENGTH_POLICIES)}")
+        if "heads" in self.tasks and self.heads.from_results:
+            raise ValueError(
+                f"heads.from_results={self.heads.from_results!r} and tasks with 'heads': the run would identify "
+                "the heads again and not use that table; drop 'heads' from tasks to reuse it, or unset "
+                "heads.from_results"
+            )
         if (
             self.sweep.needs_positional
             and self.evaluates

@@ -7,8 +7,8 @@ Conditions (DESIGN.md §2, "Ablation operators"), named in configs as
 ``positional``     the Positional Heads (identified in the same run, or read from a previous run's table)
 ``random``         controls: for every seed, the same number of heads *per layer* as the Positional set,
                    drawn uniformly among the layer's other heads (``random@<seed>`` in results)
-``lowest``         control: the same number of heads, ranked lowest overall (by ``excess`` = score minus
-                   its permuted-position null when the table has it -- the quantity heads are selected on)
+``lowest``         control: the same number of heads, ranked lowest overall (by the table's ``rank``: the
+                   quantity heads are selected on, ``heads.rank_by``)
 ``heads``          a user-given head list (``sweep.user_heads``)
 ``dims_high``      inside the Positional Heads, RoPE pairs ``i >= i_c`` removed from the attention logits
 ``dims_low``       inside the Positional Heads, RoPE pairs ``i < i_c`` removed
@@ -196,6 +196,8 @@ def _head_row(raw: Mapping[str, Any]) -> dict[str, Any]:
     }
     if "excess" in raw:
         row["excess"] = number("excess")
+    if raw.get("rank") not in (None, ""):
+        row["rank"] = int(raw["rank"])
     return row
 
 
@@ -246,17 +248,18 @@ def random_matched_heads(
     return out
 
 
-def _ranking_value(row: Mapping[str, Any]) -> float:
-    """What Positional Heads are selected on: ``excess`` (score minus its permuted-position null) when the
-    table has it, else ``score``; missing values rank last."""
-    value = row.get("excess", row.get("score"))
-    return float("inf") if value is None else float(value)
-
-
 def lowest_heads(table: Sequence[Mapping[str, Any]], count: int) -> list[tuple[int, int]]:
-    """The ``count`` heads ranked lowest by the quantity the Positional Heads are selected on (``excess`` when
-    the table has it, else ``score``; ties broken by layer, head)."""
-    ranked = sorted(table, key=lambda r: (_ranking_value(r), int(r["layer"]), int(r["head"])))
+    """The ``count`` heads ranked lowest by the quantity the Positional Heads were selected on: the table's
+    ``rank`` column (1 = best; written by the identification, whatever ``heads.rank_by`` was) when every row
+    has one, else the ``score`` (missing scores rank last; ties broken by layer, head)."""
+    if all("rank" in r for r in table):
+        ranked = sorted(table, key=lambda r: (-int(r["rank"]), int(r["layer"]), int(r["head"])))
+    else:
+
+        def score(r: Mapping[str, Any]) -> float:
+            return float("inf") if r.get("score") is None else float(r["score"])
+
+        ranked = sorted(table, key=lambda r: (score(r), int(r["layer"]), int(r["head"])))
     return sorted((int(r["layer"]), int(r["head"])) for r in ranked[:count])
 
 

@@ -9,7 +9,10 @@ from posheads.heads.capture import PAIR_LAYOUTS
 from posheads.heads.hda import CRITICAL_RULES, HDA_VARIANTS
 from posheads.heads.scores import DEFAULT_SCORE, PER_PAIR_DISTANCES, SCORE_VARIANTS
 
-__all__ = ["HeadsConfig"]
+__all__ = ["RANK_BY", "HeadsConfig"]
+
+#: ``HeadsConfig.rank_by`` values.
+RANK_BY = ("score", "excess")
 
 
 @dataclass
@@ -23,7 +26,11 @@ class HeadsConfig:
         num_bins: log2 distance bins; ``None`` = enough for the sequence length.
         score: positional score variant (:data:`~posheads.heads.scores.SCORE_VARIANTS`).
         per_pair_distance: ``"linear"`` (``delta``) or ``"log"`` for the per-pair score variants.
-        top_fraction: Positional Heads = the top fraction of heads by ``score - null`` (``None``: no such rule).
+        rank_by: what heads are ranked (and ``z`` computed) on: ``"score"`` (default) or ``"excess"``
+            (``score - null``). The score is reproducible to ~1e-4 across devices and PyTorch versions; the
+            null is one permutation draw per head, whose noise (sd ~0.03 in SmolLM2) moved 5 of the top 27
+            heads between two PyTorch versions under ``excess`` (docs/results.md). The null stays reported.
+        top_fraction: Positional Heads = the top fraction of heads by ``rank_by`` (``None``: no such rule).
         z_threshold: ... and/or the heads with ``z >= z_threshold`` (``None``: no such rule).
         combine: ``"and"`` / ``"or"`` when both selection rules are set.
         critical: ``i_c`` rule: ``"critical"`` (critical dimension of the original context), ``"quarter"``
@@ -44,6 +51,7 @@ class HeadsConfig:
     num_bins: int | None = None
     score: str = DEFAULT_SCORE
     per_pair_distance: str = "linear"
+    rank_by: str = "score"
     top_fraction: float | None = 0.10
     z_threshold: float | None = None
     combine: str = "and"
@@ -79,6 +87,8 @@ class HeadsConfig:
             raise ValueError(
                 f"heads.per_pair_distance={self.per_pair_distance!r} is not one of {list(PER_PAIR_DISTANCES)}"
             )
+        if self.rank_by not in RANK_BY:
+            raise ValueError(f"heads.rank_by={self.rank_by!r} is not one of {list(RANK_BY)}")
         if self.top_fraction is None and self.z_threshold is None:
             raise ValueError(
                 "heads.top_fraction=None and heads.z_threshold=None: set at least one selection rule"

@@ -53,7 +53,7 @@ class HeadAnalysis:
         stats: the accumulated per-pair sums (merge two analyses' stats to pool probe sets).
         i_c: the critical pair.
         scores, null, excess, z: the configured score, its permuted-position null, ``score - null``, and the
-            z-score of the excess over all heads.
+            z-score over all heads of the ranking value (``config.rank_by``: the score or the excess).
         positional: boolean mask of the Positional Heads.
         hda: HDA curves ``[NL, H, NB]``; ``hda_extension_bin`` / ``hda_extension_distance`` and ``hda_area`` /
             ``hda_mean`` their summaries.
@@ -85,6 +85,11 @@ class HeadAnalysis:
     def num_heads(self) -> int:
         return self.scores.shape[1]
 
+    @property
+    def ranking(self) -> torch.Tensor:
+        """What heads are ranked and selected on: ``scores`` or ``excess`` (``config.rank_by``)."""
+        return self.excess if self.config.rank_by == "excess" else self.scores
+
     def positional_heads(self) -> list[tuple[int, int]]:
         return head_set(self.positional)
 
@@ -106,9 +111,10 @@ class HeadAnalysis:
         }
 
     def table(self) -> list[dict[str, Any]]:
-        """One row per head: layer, head, score, null, excess, z, positional, rank, HDA summaries, extras."""
+        """One row per head: layer, head, score, null, excess, z, positional, rank (1 = best by
+        ``config.rank_by``), HDA summaries, extras."""
         order = torch.argsort(
-            torch.nan_to_num(self.excess, nan=float("-inf")).flatten(), descending=True, stable=True
+            torch.nan_to_num(self.ranking, nan=float("-inf")).flatten(), descending=True, stable=True
         )
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel())
@@ -201,9 +207,10 @@ def analyze(stats: PairStats, cfg: HeadsConfig, i_c: int, meta: dict[str, Any] |
     scores = positional_scores(stats, cfg.score, **kwargs)
     null = positional_scores(stats, cfg.score, null=True, **kwargs)
     excess = scores - null
-    z = zscores(scores, null)
+    ranking = excess if cfg.rank_by == "excess" else scores
+    z = zscores(ranking)
     positional = select_heads(
-        excess, z, top_fraction=cfg.top_fraction, z_threshold=cfg.z_threshold, combine=cfg.combine
+        ranking, z, top_fraction=cfg.top_fraction, z_threshold=cfg.z_threshold, combine=cfg.combine
     )
     curves = hda_curves(stats, i_c, cfg.hda_variant)
     ext_bin, ext_distance = hda_extension(curves, cfg.tau)

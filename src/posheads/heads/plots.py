@@ -27,9 +27,9 @@ def _bin_labels(analysis: HeadAnalysis) -> list[str]:
 
 
 def plot_score_heatmap(analysis: HeadAnalysis, path: str | Path) -> Path:
-    """Layer x head heat-map of ``score - null``; Positional Heads outlined."""
+    """Layer x head heat-map of the ranking value (score, or ``score - null``); Positional Heads outlined."""
     plt = _pyplot()
-    values = analysis.excess.numpy()
+    values = analysis.ranking.numpy()
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * analysis.num_heads, 1.0 + 0.28 * analysis.num_layers))
     im = ax.imshow(values, aspect="auto", cmap="viridis", origin="lower")
     for layer, head in analysis.positional_heads():
@@ -38,7 +38,8 @@ def plot_score_heatmap(analysis: HeadAnalysis, path: str | Path) -> Path:
         )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    ax.set_title(f"{analysis.config.score}: score - null (red: Positional Heads)", fontsize=9)
+    what = "score - null" if analysis.config.rank_by == "excess" else "score"
+    ax.set_title(f"{analysis.config.score}: {what} (red: Positional Heads)", fontsize=9)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path = Path(path)
@@ -84,7 +85,7 @@ def plot_pair_profile(analysis: HeadAnalysis, path: str | Path, head: tuple[int,
     if head is None:
         head = analysis.config.profile_head
     if head is None:
-        flat = torch.nan_to_num(analysis.excess, nan=float("-inf")).flatten()
+        flat = torch.nan_to_num(analysis.ranking, nan=float("-inf")).flatten()
         idx = int(flat.argmax())
         head = (idx // analysis.num_heads, idx % analysis.num_heads)
     layer, h = head

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -292,7 +293,8 @@ class LengthExtensionDataModule(L.LightningDataModule):
         val_fraction: fraction of the documents held out for validation (whole documents).
         split_seed: seed of the train / validation split.
         shuffle: visit the training rows in a seeded random order (else in corpus order).
-        shuffle_seed: seed of the training order (epoch ``e`` uses ``shuffle_seed + e``).
+        shuffle_seed: seed of the training order (epoch ``e`` uses ``shuffle_seed + e``); ``None`` = the run's
+            ``seed_everything`` (so ``--seed_everything 1`` gives another order; 0 when no seed was set).
         min_doc_tokens: train only on documents with at least this many tokens (e.g. the target length, so that
             every sequence is one long document rather than several short ones packed together).
         val_lengths: lengths to validate at; ``None`` = the LightningModule's ``eval_lengths`` (original and
@@ -314,7 +316,7 @@ class LengthExtensionDataModule(L.LightningDataModule):
         val_fraction: float = 0.1,
         split_seed: int = 0,
         shuffle: bool = True,
-        shuffle_seed: int = 0,
+        shuffle_seed: int | None = None,
         min_doc_tokens: int = 0,
         val_lengths: list[int] | None = None,
         val_windows: int | None = 16,
@@ -341,7 +343,7 @@ class LengthExtensionDataModule(L.LightningDataModule):
             ("min_doc_tokens", min_doc_tokens),
             ("num_workers", num_workers),
             ("split_seed", split_seed),
-            ("shuffle_seed", shuffle_seed),
+            ("shuffle_seed", 0 if shuffle_seed is None else shuffle_seed),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"data.{name}={value!r} must be an int >= 0")
@@ -452,12 +454,20 @@ class LengthExtensionDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------------------------ loaders
 
+    def resolved_shuffle_seed(self) -> int:
+        """``shuffle_seed``, or the global seed Lightning's ``seed_everything`` exported (0 if none)."""
+        if self.shuffle_seed is not None:
+            return self.shuffle_seed
+        return int(os.environ.get("PL_GLOBAL_SEED", 0))
+
     def train_dataloader(self) -> ResumableDataLoader:
         if self.train_rows is None:
             self.setup("fit")
         assert self.train_rows is not None
         rank, world = self._rank_world()
-        sampler = ResumableSampler(len(self.train_rows), self.shuffle, self.shuffle_seed, rank, world)
+        sampler = ResumableSampler(
+            len(self.train_rows), self.shuffle, self.resolved_shuffle_seed(), rank, world
+        )
         if len(sampler) < self.batch_size:
             raise ValueError(
                 f"data.batch_size={self.batch_size} exceeds the {len(sampler)} training rows per rank "
@@ -494,6 +504,7 @@ class LengthExtensionDataModule(L.LightningDataModule):
             "train_documents": len(train_docs),
             "val_documents": len(val_docs),
             "min_doc_tokens": self.min_doc_tokens,
+            "train_order": f"shuffle_seed={self.resolved_shuffle_seed()}" if self.shuffle else "corpus order",
         }
         if self.train_rows is not None:
             out["train_rows"] = int(self.train_rows.shape[0])
