@@ -91,6 +91,14 @@ def test_resume_keeps_rows(tmp_path):
     assert (tmp_path / "trials.jsonl").read_text().count("\n") == 1
     fresh = ResultsFile(tmp_path, {"model": "m"})
     assert fresh.rows("passkey") == [] and not (tmp_path / "trials.jsonl").exists()
+    # ... and the earlier run is kept beside it, never overwritten (twice: two names)
+    kept = sorted(p.name for p in tmp_path.glob("*.replaced-*"))
+    assert (
+        len(kept) == 2 and kept[0].startswith("results.replaced-") and kept[1].startswith("trials.replaced-")
+    )
+    assert load_results(tmp_path / kept[0])["passkey"][0]["accuracy"] == 1.0
+    ResultsFile(tmp_path, {"model": "m"})
+    assert len(list(tmp_path.glob("results.replaced-*.json"))) == 2
 
 
 def test_plots_and_summary(tmp_path):

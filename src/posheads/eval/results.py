@@ -22,13 +22,17 @@ Trial-level retrieval records go to ``trials.jsonl`` next to it (appended line b
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import platform
 import tempfile
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("posheads.eval")
 
 __all__ = ["ROW_KEYS", "SECTIONS", "ResultsFile", "load_results", "package_versions"]
 
@@ -93,9 +97,23 @@ class ResultsFile:
             for key in ("heads", "heads_summary", "conditions", *SECTIONS):
                 if key in old:
                     self.data[key] = old[key]
-        elif self.trials_path.exists():
-            self.trials_path.unlink()
+        else:
+            self._keep_previous()
         self.write()
+
+    def _keep_previous(self) -> None:
+        """A new run in a directory that holds an earlier one: the earlier ``results.json`` / ``trials.jsonl``
+        are renamed ``*.replaced-<their time>.*`` (never overwritten); the log says where they went."""
+        for path in (self.path, self.trials_path):
+            if path.exists():
+                stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+                kept = path.with_name(f"{path.stem}.replaced-{stamp}{path.suffix}")
+                n = 1
+                while kept.exists():
+                    n += 1
+                    kept = path.with_name(f"{path.stem}.replaced-{stamp}-{n}{path.suffix}")
+                path.rename(kept)
+                log.warning("%s held an earlier run (output.resume=false): kept it as %s", path, kept.name)
 
     # ---- reading
     def has(self, section: str, **key: Any) -> bool:
