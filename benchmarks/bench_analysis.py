@@ -28,6 +28,7 @@ from posheads.heads.stats import (
     num_bins_for,
     sample_query_rows,
 )
+from posheads.profiling import peak_cpu_memory
 
 SMOLLM2_SHAPE = {
     "vocab_size": 49152,
@@ -113,21 +114,6 @@ def _hooked_forward(model, decoder, collector, ids) -> None:
         decoder(ids)
 
 
-def _cpu_peak(fn, *args) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn(*args)
-    timeline = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage
-    )
-    current = peak = 0
-    for _, change in timeline:
-        current += change
-        peak = max(peak, current)
-    return peak
-
-
 def bench_memory(device: str, lengths: list[int], rows: int, kpb: int | None) -> None:
     """Peak memory of one SmolLM2-shaped layer's statistics (synthetic q~/k~) as the length grows."""
     heads, kv_heads, head_dim = 9, 3, 64
@@ -149,7 +135,7 @@ def bench_memory(device: str, lengths: list[int], rows: int, kpb: int | None) ->
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - base
         else:
-            peak = _cpu_peak(collector, None, call)
+            peak = peak_cpu_memory(collector, None, call)
         line = f"  L={length}: peak {peak / 2**20:.1f} MiB (the layer's q~/k~ themselves: {2 * q.numel() * 4 / 2**20:.1f} MiB)"
         if previous is not None:
             line += f"; x{peak / previous[1]:.2f} for x{length / previous[0]:.0f} length"

@@ -23,6 +23,7 @@ from posheads.heads import (
     sample_query_rows,
 )
 from posheads.heads.stats import bin_edges
+from posheads.profiling import peak_cpu_memory
 
 
 def tiny(kv_heads: int = 2, seed: int = 0, rope_theta: float = 100.0):
@@ -239,8 +240,6 @@ def test_distance_bins_and_row_sampling():
 
 def _peak_bytes(length: int, keys_per_bin: int | None) -> int:
     """Peak CPU memory allocated by one layer's statistics (torch profiler memory timeline)."""
-    from torch.profiler import ProfilerActivity, profile
-
     heads, kv, d = 4, 2, 16
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, heads, length, d, generator=gen)
@@ -250,16 +249,7 @@ def _peak_bytes(length: int, keys_per_bin: int | None) -> int:
         1, heads, d, num_bins_for(length), keys_per_bin=keys_per_bin, chunk_elements=1 << 16
     )
     col.plan = RowPlan(sample_query_rows(torch.ones(1, length, dtype=torch.bool), 16, 0), seed=0)
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        col(None, call)  # type: ignore[arg-type]
-    timeline = sorted(
-        (e.time_range.start, e.self_cpu_memory_usage) for e in prof.events() if e.self_cpu_memory_usage
-    )
-    current = peak = 0
-    for _, change in timeline:
-        current += change
-        peak = max(peak, current)
-    return peak
+    return peak_cpu_memory(col, None, call)
 
 
 @pytest.mark.parametrize("keys_per_bin", [8, None])
