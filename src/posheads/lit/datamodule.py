@@ -336,6 +336,7 @@ class LengthExtensionDataModule(L.LightningDataModule):
             ("batch_size", batch_size, 1),
             ("val_batch_size", val_batch_size, 1),
             ("val_windows", val_windows, 1),
+            ("shuffle_seed", shuffle_seed, 0),
         ):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise ValueError(f"data.{name}={value!r} must be an int >= {low}")
@@ -343,7 +344,6 @@ class LengthExtensionDataModule(L.LightningDataModule):
             ("min_doc_tokens", min_doc_tokens),
             ("num_workers", num_workers),
             ("split_seed", split_seed),
-            ("shuffle_seed", 0 if shuffle_seed is None else shuffle_seed),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"data.{name}={value!r} must be an int >= 0")
