@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from posheads.plotting import pyplot
+
 __all__ = ["plot_timeline"]
 
 
@@ -19,11 +21,7 @@ def plot_timeline(timeline: dict[str, Any], path: str | Path) -> Path:
     """Two panels against optimizer step: (top) HDA extension bin of every tracked head (thin) and their mean
     (thick), perplexity on the right axis; (bottom) HDA area of every tracked head (thin) and their mean (thick),
     and the Jaccard overlap of the current Positional Heads with those of step 0 on the right axis."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     evals = timeline.get("evaluations", [])
     steps = [e["step"] for e in evals]
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)

@@ -19,6 +19,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from posheads.plotting import pyplot
+
 __all__ = [
     "condition_families",
     "plot_perplexity",
@@ -26,16 +28,6 @@ __all__ = [
     "plot_retrieval",
     "summary_tables",
 ]
-
-
-def _pyplot():
-    import matplotlib
-
-    if os.environ.get("MPLBACKEND") is None:
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def condition_families(results: Mapping[str, Any]) -> dict[str, list[str]]:
@@ -58,7 +50,7 @@ def plot_perplexity(results: Mapping[str, Any], path: str | os.PathLike) -> Path
     rows = results.get("perplexity", [])
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     ppl: dict[str, dict[int, float]] = defaultdict(dict)
     for r in rows:
         if r.get("ppl") is not None:
@@ -118,7 +110,7 @@ def plot_retrieval(results: Mapping[str, Any], task: str, path: str | os.PathLik
     rows = results.get(task, [])
     if not rows:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     panels: list[tuple[str, list[str]]] = []
     present = {r["condition"] for r in rows}
     for family, members in condition_families(results).items():

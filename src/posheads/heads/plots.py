@@ -7,19 +7,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from posheads.plotting import pyplot
+
 if TYPE_CHECKING:
     from posheads.heads.identify import HeadAnalysis
 
 __all__ = ["plot_hda_curves", "plot_pair_profile", "plot_score_heatmap", "save_all_plots"]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _bin_labels(analysis: HeadAnalysis) -> list[str]:
@@ -28,7 +21,7 @@ def _bin_labels(analysis: HeadAnalysis) -> list[str]:
 
 def plot_score_heatmap(analysis: HeadAnalysis, path: str | Path) -> Path:
     """Layer x head heat-map of the ranking value (score, or ``score - null``); Positional Heads outlined."""
-    plt = _pyplot()
+    plt = pyplot()
     values = analysis.ranking.numpy()
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * analysis.num_heads, 1.0 + 0.28 * analysis.num_layers))
     im = ax.imshow(values, aspect="auto", cmap="viridis", origin="lower")
@@ -50,7 +43,7 @@ def plot_score_heatmap(analysis: HeadAnalysis, path: str | Path) -> Path:
 
 def plot_hda_curves(analysis: HeadAnalysis, path: str | Path) -> Path:
     """HDA against distance bin: every Positional Head, and the mean (with quartile band) of the others."""
-    plt = _pyplot()
+    plt = pyplot()
     curves = analysis.hda.numpy()
     nb = curves.shape[-1]
     x = list(range(nb))
@@ -81,7 +74,7 @@ def plot_hda_curves(analysis: HeadAnalysis, path: str | Path) -> Path:
 def plot_pair_profile(analysis: HeadAnalysis, path: str | Path, head: tuple[int, int] | None = None) -> Path:
     """Per-pair contribution profile of one head by distance: attention-weighted mean ``g_i`` and the share of
     attention whose dominant pair is ``i``, pairs x distance bins."""
-    plt = _pyplot()
+    plt = pyplot()
     if head is None:
         head = analysis.config.profile_head
     if head is None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from posheads.callbacks.efficiency import spearman
+from posheads.plotting import pyplot
 
 __all__ = ["compare_runs", "main", "run_summary"]
 
@@ -86,11 +87,7 @@ def compare_runs(run_dirs: list[str | Path]) -> dict[str, Any]:
 def plot_comparison(result: dict[str, Any], path: str | Path) -> Path:
     """Two scatter panels (final HDA area / final HDA in the longest bin vs target-length PPL), one point per
     run, coloured by scaling method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["runs"]
     methods = sorted({str(r["scaling"]) for r in rows})
     colours = {m: f"C{i}" for i, m in enumerate(methods)}
