@@ -23,7 +23,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
@@ -314,16 +314,16 @@ class PositionalHeadTracker(Callback):
                 "the timeline continues on the new probe set"
             )
         self._ppl_mode = self._resolve_ppl_mode(trainer, pl_module)
-        model = pl_module.model
+        model: Any = pl_module.model
         modules = attention_modules(model)
-        first = next(iter(modules.values()))
+        first: Any = next(iter(modules.values()))
         cfg = first.config
         num_layers, num_heads = max(modules) + 1, int(cfg.num_attention_heads)
         head_dim = int(getattr(first, "head_dim", 0) or cfg.hidden_size // cfg.num_attention_heads)
         self.heads.validate_for(num_layers, num_heads, head_dim)
         original = self.heads.original_context
         if original is None and hasattr(pl_module, "original_length"):
-            original = int(pl_module.original_length)
+            original = int(cast(Any, pl_module).original_length)
         self._i_c = critical_pair_for(cfg, self.heads.critical, original)
         for layer, head in self._table_heads or []:
             if not (0 <= layer < num_layers and 0 <= head < num_heads):
@@ -400,8 +400,8 @@ class PositionalHeadTracker(Callback):
         forwards (padding forwards included, see :func:`~posheads.callbacks.probe.shard_batches`).
         """
         strategy = trainer.strategy
-        wrapped = strategy.model
-        model = pl_module.model
+        wrapped: Any = strategy.model
+        model: Any = pl_module.model
         redirect = (
             type(strategy).__name__ in _SHARDED_STRATEGIES
             and wrapped is not None
@@ -426,7 +426,8 @@ class PositionalHeadTracker(Callback):
             # Lightning's _ForwardRedirection calls `pl_module.<name>(*args)` inside the wrapper's forward
             pl_module.__dict__[_PROBE_METHOD] = lambda x: call(x, want_logits)
             try:
-                return strategy._forward_redirection(wrapped, pl_module, _PROBE_METHOD, ids)
+                out: Any = strategy._forward_redirection(wrapped, pl_module, _PROBE_METHOD, ids)
+                return out
             finally:
                 pl_module.__dict__.pop(_PROBE_METHOD, None)
 
@@ -445,7 +446,7 @@ class PositionalHeadTracker(Callback):
             context = trainer.strategy.precision_plugin.val_step_context()
             with context, torch.no_grad():
                 result = run_probe_pass(
-                    pl_module.model,
+                    cast(Any, pl_module).model,
                     self._forward_fn(trainer, pl_module),
                     self.probe,
                     self.heads,
@@ -463,7 +464,7 @@ class PositionalHeadTracker(Callback):
                     "tokens": result.tokens,
                 }
             elif self._ppl_mode == "module":
-                nll = pl_module.validation_perplexity([self.probe.length])[self.probe.length]
+                nll = cast(Any, pl_module).validation_perplexity([self.probe.length])[self.probe.length]
                 ppl = {
                     "source": "module",
                     "nll": _num(nll.nll),

@@ -30,7 +30,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -364,7 +364,8 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
     from posheads.models import load_model
 
     device = _device(cfg.device)
-    model = load_model(cfg.model, cfg.rope).to(device)
+    model: Any = load_model(cfg.model, cfg.rope)
+    model = model.to(device)
     model.eval()
     log.info("model loaded in %.1fs", time.time() - t0)
 
@@ -545,11 +546,11 @@ def _wandb_dirs(out_dir: Path) -> Iterator[None]:
                 os.environ[key] = str(value)
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
+        for key, old in saved.items():
+            if old is None:
                 os.environ.pop(key, None)
             else:
-                os.environ[key] = value
+                os.environ[key] = old
 
 
 def _log_wandb(cfg: EvalConfig, data: dict[str, Any], plots: Sequence[Path], out_dir: Path) -> None:
@@ -564,7 +565,7 @@ def _log_wandb(cfg: EvalConfig, data: dict[str, Any], plots: Sequence[Path], out
             project=settings.project,
             name=settings.name or out_dir.name,
             entity=settings.entity,
-            mode=settings.mode,
+            mode=cast(Any, settings.mode),
             tags=settings.tags,
             dir=str(out_dir),
             config=data["protocol"],

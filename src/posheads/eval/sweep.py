@@ -211,6 +211,7 @@ def read_head_table(path: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(
             f"heads.from_results={str(path)!r}: no such file (or run directory with results.json)"
         )
+    rows: Any
     if p.suffix == ".csv":
         with p.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))

@@ -150,7 +150,7 @@ class _HeadHook:
         means: torch.Tensor | None,
     ) -> None:
         self.mask, self.layer, self.n_heads, self.head_dim = mask, layer, n_heads, head_dim
-        self.replacement = None if mode == "zero" else means[layer]  # [H, d]  # type: ignore[index]
+        self.replacement = None if mode == "zero" or means is None else means[layer]  # [H, d]
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         x = args[0]  # [B, T, H*d]

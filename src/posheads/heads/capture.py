@@ -230,7 +230,7 @@ def _base_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+def attention_modules(model: nn.Module) -> dict[int, Any]:
     """``{layer_idx: attention module}`` of a (possibly peft-wrapped) decoder model.
 
     An attention module is any submodule with an integer ``layer_idx``, a ``config`` and an ``o_proj``

@@ -203,7 +203,7 @@ def _floats(t: torch.Tensor) -> list[float | None]:
 def analyze(stats: PairStats, cfg: HeadsConfig, i_c: int, meta: dict[str, Any] | None = None) -> HeadAnalysis:
     """Scores, null, z, selection and HDA from accumulated sums (pure)."""
     stats = stats.to("cpu")
-    kwargs = {"i_c": i_c, "per_pair_distance": cfg.per_pair_distance}
+    kwargs: dict[str, Any] = {"i_c": i_c, "per_pair_distance": cfg.per_pair_distance}
     scores = positional_scores(stats, cfg.score, **kwargs)
     null = positional_scores(stats, cfg.score, null=True, **kwargs)
     excess = scores - null
@@ -242,7 +242,8 @@ def analyze(stats: PairStats, cfg: HeadsConfig, i_c: int, meta: dict[str, Any] |
 
 def _decoder(model: nn.Module) -> nn.Module:
     """The decoder stack without the LM head (the statistics never need logits)."""
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    get_base: Any = getattr(model, "get_base_model", None)
+    base: Any = get_base() if callable(get_base) else model
     get_decoder = getattr(base, "get_decoder", None)
     if callable(get_decoder):
         decoder = get_decoder()

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import yaml
@@ -209,7 +209,7 @@ class PosheadsCLI(LightningCLI):
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 logger.experiment.finish()
         if self.trainer.is_global_zero:
-            exporter = next((c for c in self.trainer.callbacks if isinstance(c, HFExport)), None)
+            exporter = next((c for c in cast(Any, self.trainer).callbacks if isinstance(c, HFExport)), None)
             where = exporter.exported if exporter is not None else None
             print(
                 f"[posheads] run directory: {self.run_dir}" + (f"; final model: {where}" if where else ""),

@@ -229,7 +229,7 @@ class ResumableDataLoader(DataLoader):
         self._yielded = 0
         self._resume: tuple[int, int] | None = None  # (epoch, batches) to skip at the next iteration
 
-    def __iter__(self) -> Iterator[Any]:
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         # a generator: the body runs at the first next(), after Lightning has called sampler.set_epoch()
         sampler: ResumableSampler = self.sampler  # type: ignore[assignment]
         start = 0

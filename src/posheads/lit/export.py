@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -46,12 +46,14 @@ def full_state_dict(module: LightningModule) -> dict[str, torch.Tensor] | None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
-        with FSDP.state_dict_type(strategy.model, StateDictType.FULL_STATE_DICT, config):
-            state = strategy.model.state_dict()  # keys of the LightningModule: "model.<...>"
-        if strategy.global_rank != 0:
+        wrapped: Any = strategy.model
+        with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT, config):
+            state = wrapped.state_dict()  # keys of the LightningModule: "model.<...>"
+        if cast(Any, strategy).global_rank != 0:
             return None
         return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
-    return {k: v.detach().cpu() for k, v in module.model.state_dict().items()}
+    model: Any = module.model
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
 def lora_layers(model: nn.Module) -> dict[str, tuple[str, float, bool]]:
@@ -156,14 +158,14 @@ def export_pretrained(
     if trainer is not None and trainer.global_rank != 0:
         return None
     directory = Path(directory)
-    model = module.model
+    model: Any = module.model
     hf = base_model(model)
     config = copy.deepcopy(hf.config)
     is_peft = hf is not model
     if is_peft:
         if lora_dir is not None:
             model.save_pretrained(str(lora_dir), state_dict=state)
-            module.tokenizer.save_pretrained(str(lora_dir))
+            cast(Any, module).tokenizer.save_pretrained(str(lora_dir))
             _write_info(Path(lora_dir), info)
         state = merge_lora_state_dict(state, lora_layers(model))
     if dtype is not None:
@@ -172,7 +174,7 @@ def export_pretrained(
         config.dtype = torch_dtype
     directory.mkdir(parents=True, exist_ok=True)
     _save_plain(config, state, directory)
-    module.tokenizer.save_pretrained(str(directory))
+    cast(Any, module).tokenizer.save_pretrained(str(directory))
     _write_info(directory, info)
     log.info("exported the trained model to %s", directory)
     return directory
@@ -200,7 +202,7 @@ class HFExport(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         info = {
-            **pl_module.describe(),
+            **cast(Any, pl_module).describe(),
             "global_step": trainer.global_step,
             "tokens_seen": getattr(pl_module, "_tokens_seen", None),
         }

@@ -56,6 +56,9 @@ class TokenNLL(Metric):
     full_state_update = False
     higher_is_better = False
     is_differentiable = False
+    nll_sum: torch.Tensor
+    n_tokens: torch.Tensor
+    n_windows: torch.Tensor
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)

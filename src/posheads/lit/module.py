@@ -38,7 +38,7 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -142,11 +142,12 @@ class LengthExtensionModule(L.LightningModule):
                 f"model {self.lm.name_or_path!r} loaded with eager attention; set model.lm.attn_implementation"
             )
         model.train()  # load_model returns eval mode; Lightning switches modes for validation itself
-        self.model = model  # registered as the submodule "model" (state_dict keys "model.<hf keys>")
+        # registered as the submodule "model" (state_dict keys "model.<hf keys>") by nn.Module.__setattr__
+        self.model = model  # type: ignore[misc]
         self._check_lengths()
 
     @property
-    def model(self) -> nn.Module:
+    def model(self) -> Any:
         """The Transformers causal LM (peft ``PeftModel`` for LoRA runs), loaded on first access."""
         if self._modules.get("model") is None:
             self.configure_model()
@@ -353,7 +354,7 @@ class LengthExtensionModule(L.LightningModule):
     ) -> dict[int, NLLSum]:
         """NLL / perplexity on the data module's validation windows (all lengths, or ``lengths``), callable from
         any hook during fitting (all ranks together)."""
-        datamodule = self.trainer.datamodule
+        datamodule: Any = cast(Any, self.trainer).datamodule
         sets = datamodule.validation_sets()
         out = {}
         for length in sorted(sets if lengths is None else lengths):
@@ -367,7 +368,7 @@ class LengthExtensionModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------ optimisation
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> Any:
         optim = self.optim
         if optim.fused is None and "mixed" in str(self.trainer.precision):
             # Lightning's mixed-precision plugin refuses gradient clipping with a fused optimizer

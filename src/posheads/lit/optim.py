@@ -61,7 +61,8 @@ def decays(name: str) -> bool:
 
 def param_groups(named_params: Iterable[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict]:
     """Two AdamW groups over the parameters that require gradients: with and without weight decay."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in named_params:
         if p.requires_grad:
             (decay if decays(name) else no_decay).append(p)
@@ -84,7 +85,9 @@ def build_optimizer(named_params: Iterable[tuple[str, nn.Parameter]], cfg: Optim
         fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
         # the fused kernel needs plain tensors (not DTensor shards); be conservative with subclasses
         fused = fused and all(type(p) is nn.Parameter for p in params)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=bool(fused))
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(float(cfg.betas[0]), float(cfg.betas[1])), eps=cfg.eps, fused=bool(fused)
+    )
 
 
 def build_scheduler(

@@ -22,7 +22,7 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -116,21 +116,22 @@ class PerplexityReport(Callback):
         return rope if rope is not None and rope.method != "none" else None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        module: Any = pl_module
         self.rows = []
         self.resumed = trainer.ckpt_path is not None
         if not self.before or self.resumed:
             return
-        scaling = self._scaling(pl_module)
+        scaling = self._scaling(module)
         if scaling is not None and self.unscaled_baseline:
-            if pl_module._sharded():
+            if module._sharded():
                 rank_zero_warn("report.unscaled_baseline is skipped under a sharded strategy")
             else:
-                with rope_removed(pl_module.model, scaling, pl_module.original_length):
+                with rope_removed(module.model, scaling, module.original_length):
                     self.rows.append(
-                        _row("unscaled", "pre-trained, RoPE unscaled", pl_module.validation_perplexity())
+                        _row("unscaled", "pre-trained, RoPE unscaled", module.validation_perplexity())
                     )
         label = f"before fine-tuning ({scaling.method} x{scaling.factor:g})" if scaling else "before training"
-        before = pl_module.validation_perplexity()
+        before = module.validation_perplexity()
         self.rows.append(_row("before", label, before))
         if trainer.global_rank == 0:  # the starting point of the validation curves
             metrics = {
@@ -146,14 +147,15 @@ class PerplexityReport(Callback):
         )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        scaling = self._scaling(pl_module)
+        module: Any = pl_module
+        scaling = self._scaling(module)
         what = (
             "fine-tuning"
-            if scaling is not None or pl_module.target_length > pl_module.original_length
+            if scaling is not None or module.target_length > module.original_length
             else "training"
         )
         label = f"after {what} ({trainer.global_step} steps)"
-        self.rows.append(_row("after", label, pl_module.validation_perplexity()))
+        self.rows.append(_row("after", label, module.validation_perplexity()))
         if trainer.global_rank != 0:
             return
         protocol = self.protocol(trainer, pl_module)
@@ -173,8 +175,9 @@ class PerplexityReport(Callback):
             logger.save()
 
     def protocol(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
-        described = pl_module.describe()
-        datamodule = trainer.datamodule
+        module: Any = pl_module
+        described = module.describe()
+        datamodule = cast(Any, trainer).datamodule
         data = datamodule.protocol() if datamodule is not None and hasattr(datamodule, "protocol") else {}
         out: dict[str, Any] = {"model": described.pop("model"), **described}
         val = data.pop("validation", {})

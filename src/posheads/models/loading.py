@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -203,6 +203,7 @@ def tiny_llama_config(spec: TinySpec | None = None) -> PretrainedConfig:
     from transformers import LlamaConfig
 
     spec = spec or TinySpec()
+    kwargs: dict[str, Any] = {"attn_implementation": "sdpa"}
     return LlamaConfig(
         vocab_size=TINY_VOCAB_SIZE,
         hidden_size=spec.num_heads * spec.head_dim,
@@ -217,7 +218,7 @@ def tiny_llama_config(spec: TinySpec | None = None) -> PretrainedConfig:
         eos_token_id=257,
         pad_token_id=258,
         tie_word_embeddings=False,
-        attn_implementation="sdpa",
+        **kwargs,
     )
 
 
@@ -231,7 +232,7 @@ def tiny_llama(spec: TinySpec | None = None, **overrides: Any) -> PreTrainedMode
     config = tiny_llama_config(spec)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(cast(Any, config))
     return model.eval()
 
 
@@ -264,7 +265,7 @@ def _smollm2_cached_checkpoint() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = smollm2_package_dir()
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # The GGUF weights are already dequantised to fp32; drop the quantizer marker so they save as a plain
     # checkpoint (the values are exactly the dequantised Q4_1 weights).
     model.hf_quantizer = None
@@ -370,7 +371,7 @@ def load_model(cfg: ModelConfig, rope: RopeScaling | None = None) -> PreTrainedM
     from transformers import AutoModelForCausalLM
 
     if cfg.name_or_path == TINY:
-        model = tiny_llama(cfg.tiny).to(cfg.torch_dtype)
+        model = cast(Any, tiny_llama(cfg.tiny)).to(cfg.torch_dtype)
         model.config._attn_implementation = cfg.attn_implementation
     else:
         where, gguf, local = _resolve(cfg.name_or_path, cfg.gguf_file)
@@ -417,12 +418,12 @@ def apply_lora(model: PreTrainedModel, lora: LoraSettings, input_grads: bool = F
         model.enable_input_require_grads()
     peft_cfg = LoraConfig(
         r=lora.r,
-        lora_alpha=lora.alpha,
+        lora_alpha=cast(Any, lora.alpha),
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_cfg)
+    return cast(Any, get_peft_model(model, peft_cfg))
 
 
 def base_model(model: torch.nn.Module) -> PreTrainedModel:
