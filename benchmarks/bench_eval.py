@@ -114,7 +114,11 @@ def main() -> None:
     ]
     names = ["none", "positional", "random", "lowest", "dims_high", "dims_low"]
     conds = build_conditions(
-        names, table=table, shape=shape, random_seeds=list(range(max(1, args.conditions - 5)))
+        names,
+        table=table,
+        shape=shape,
+        random_seeds=list(range(max(1, args.conditions - 5))),
+        i_c=shape.head_dim // 4,
     )
     conds = conds[: args.conditions] if args.conditions <= len(conds) else conds
     apply = ablation_apply("zero", shape.head_dim // 4, None)

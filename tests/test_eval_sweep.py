@@ -7,9 +7,13 @@ import json
 import pytest
 
 from posheads.eval.sweep import (
+    ConditionSpec,
     ModelShape,
     build_conditions,
+    dims_pairs,
     lowest_heads,
+    lowest_matched_heads,
+    parse_condition,
     parse_head,
     random_matched_heads,
     read_head_table,
@@ -48,10 +52,125 @@ def test_random_controls_match_counts_per_layer_and_avoid_positional_heads():
     assert len(seen) > 4  # different seeds give different controls
 
 
-def test_random_controls_fall_back_to_all_heads_of_a_full_layer():
-    pos = [(1, h) for h in range(5)]
-    heads = random_matched_heads(pos, SHAPE, 0)
-    assert len(heads) == 5 and all(layer == 1 for layer, _ in heads)
+def test_random_controls_take_a_full_layers_shortfall_from_the_nearest_layers():
+    # layer 1 has 5 Positional Heads of 6: one non-positional head left, 4 short -> from layers 0 and 2
+    pos = [(1, h) for h in range(5)] + [(2, 0)]
+    for seed in range(20):
+        heads = random_matched_heads(pos, SHAPE, seed)
+        assert not set(heads) & set(pos), seed  # never a Positional Head
+        assert len(heads) == len(pos)
+        layers = [layer for layer, _ in heads]
+        assert layers.count(1) == 1  # everything layer 1 has
+        assert set(layers) <= {0, 1, 2}  # the shortfall comes from distance 1 only (enough heads there)
+        assert layers.count(2) >= 1
+    seen_zero = {sum(1 for layer, _ in random_matched_heads(pos, SHAPE, s) if layer == 0) for s in range(20)}
+    assert len(seen_zero) > 1  # the pool at one distance is shared by both neighbours, drawn at random
+
+
+def test_shortfall_goes_further_when_the_neighbours_are_full():
+    shape = ModelShape(num_layers=7, num_heads=2, head_dim=8)
+    pos = [(layer, h) for layer in (1, 2, 3) for h in (0, 1)]  # layers 1-3 entirely positional
+    heads = random_matched_heads(pos, shape, 0)
+    # layer 1 takes layer 0 (distance 1); layer 2's neighbours are full -> layer 4 (distance 2; layer 0 is
+    # used up); layer 3 -> layer 5 (distance 2)
+    assert heads == [(0, 0), (0, 1), (4, 0), (4, 1), (5, 0), (5, 1)]
+    shape = ModelShape(num_layers=5, num_heads=2, head_dim=8)
+    with pytest.raises(ValueError, match="non-positional"):
+        random_matched_heads([(a, b) for a in range(5) for b in range(2) if (a, b) != (0, 0)], shape, 0)
+
+
+def _table_with(pos):
+    rows = _table()
+    for r in rows:
+        r["positional"] = (r["layer"], r["head"]) in set(pos)
+    return rows
+
+
+def test_controls_never_contain_a_positional_head():
+    # The old rule drew a full layer's control among *all* its heads, i.e. the Positional Heads themselves.
+    pos = [(1, h) for h in range(6)]  # a whole layer is positional
+    conds = build_conditions(
+        ["random", "lowest"], table=_table_with(pos), shape=SHAPE, random_seeds=range(10)
+    )
+    for c in conds:
+        assert not set(c.heads) & set(pos), c.name
+        assert len(c.heads) == 6 and set(c.per_layer) <= {0, 2}, c.name
+        assert c.describe()["per_layer"] == {str(k): v for k, v in sorted(c.per_layer.items())}
+
+
+def test_lowest_is_layer_matched_and_lowest_global_is_not():
+    pos = [(0, 1), (2, 3), (2, 5), (3, 0)]
+    table = _table_with(pos)  # score increases with layer*6+head
+    lm = lowest_matched_heads(table, pos, SHAPE)
+    assert lm == [(0, 0), (2, 0), (2, 1), (3, 1)]  # the lowest non-positional heads of layers 0, 2, 2, 3
+    assert lowest_heads(table, 4) == [(0, 0), (0, 1), (0, 2), (0, 3)]  # global, layer 0 only
+    conds = {c.name: c for c in build_conditions(["lowest", "lowest_global"], table=table, shape=SHAPE)}
+    assert conds["lowest"].heads == tuple(lm)
+    assert conds["lowest"].per_layer == {0: 1, 2: 2, 3: 1}
+    assert conds["lowest_global"].heads == ((0, 0), (0, 2), (0, 3), (0, 4))  # skips Positional Head 0.1
+
+
+def test_dims_pairs_rules():
+    assert dims_pairs("high", 20, 32) == tuple(range(20, 32))  # 12 pairs above i_c
+    assert dims_pairs("low", 20, 32) == tuple(range(8, 20))  # the 12 nearest below
+    assert dims_pairs("low", 20, 32, "all") == tuple(range(20))
+    assert dims_pairs("high", 5, 32) == tuple(range(5, 10)) and dims_pairs("low", 5, 32) == tuple(range(5))
+    for i_c in range(33):
+        assert len(dims_pairs("high", i_c, 32)) == len(dims_pairs("low", i_c, 32))
+        assert not set(dims_pairs("high", i_c, 32)) & set(dims_pairs("low", i_c, 32))
+
+
+def test_parse_condition_forms():
+    assert parse_condition("positional:mean") == ConditionSpec("positional:mean", "positional", mode="mean")
+    assert parse_condition("random@3") == ConditionSpec("random@3", "random", seed=3)
+    assert parse_condition("dims_high[random@2]") == ConditionSpec(
+        "dims_high[random@2]", "dims_high", seed=2, target="random"
+    )
+    assert parse_condition("dims_low").target == "positional"
+    for bad, match in [
+        ("dims_high:mean", "no ablation mode"),
+        ("positional:half", "ablation mode"),
+        ("lowest@2", "only random takes a seed"),
+        ("dims_high[heads]", "family"),
+        ("random@x", "not an integer"),
+        ("bogus", "unknown condition"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            parse_condition(bad)
+
+
+def test_dims_on_every_family_and_mean_twins():
+    pos = [(0, 1), (2, 3), (2, 5), (3, 0)]
+    names = [
+        "none",
+        "positional",
+        "positional:mean",
+        "random@1:mean",
+        "dims_high",
+        "dims_low[random]",
+        "dims_high[lowest]",
+    ]
+    conds = build_conditions(names, table=_table_with(pos), shape=SHAPE, random_seeds=[0, 1], i_c=3)
+    by = {c.name: c for c in conds}
+    assert list(by) == [
+        "none",
+        "positional",
+        "positional:mean",
+        "random@1:mean",
+        "dims_high",
+        "dims_low[random@0]",
+        "dims_low[random@1]",
+        "dims_high[lowest]",
+    ]
+    assert by["positional"].ablation == "zero" and by["positional:mean"].ablation == "mean"
+    assert by["random@1:mean"].family == "random:mean"
+    assert by["dims_high"].pairs == (3, 4, 5) and by["dims_low[random@1]"].pairs == (0, 1, 2)
+    assert by["dims_low[random@0]"].family == "dims_low[random]"
+    assert by["dims_low[random@1]"].heads == by["random@1:mean"].heads  # the same control set
+    assert by["dims_high[lowest]"].heads == tuple(lowest_matched_heads(_table_with(pos), pos, SHAPE))
+    assert by["dims_high"].describe()["n_pairs"] == 3
+    with pytest.raises(ValueError, match="more than once"):
+        build_conditions(["random", "random@1"], table=_table_with(pos), shape=SHAPE, random_seeds=[1])
 
 
 def test_lowest_heads():
@@ -65,6 +184,7 @@ def test_build_conditions():
         shape=SHAPE,
         random_seeds=[0, 1, 2],
         user_heads=["1.2", [3, 4]],
+        i_c=4,
     )
     names = [c.name for c in conds]
     assert names == [
@@ -89,7 +209,7 @@ def test_build_conditions():
 
 
 def test_unknown_condition_and_missing_table():
-    with pytest.raises(ValueError, match=r"\['bogus'\] not in"):
+    with pytest.raises(ValueError, match="unknown condition 'bogus'"):
         build_conditions(["none", "bogus"], shape=SHAPE)
     with pytest.raises(ValueError, match="need a Positional-Head table"):
         build_conditions(["positional"], shape=SHAPE)

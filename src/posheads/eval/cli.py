@@ -122,9 +122,9 @@ def validate_against_model(cfg: EvalConfig, config: Any) -> tuple[ModelShape, li
         shape = dataclasses.replace(shape, original_context=cfg.heads.analysis.original_context)
     if "heads" in cfg.tasks:
         cfg.heads.analysis.validate_for(shape.num_layers, shape.num_heads, shape.head_dim)
-    if "heads" in cfg.sweep.conditions:
+    if "heads" in cfg.sweep.bases:
         validate_heads(cfg.sweep.user_heads, shape)
-    if {"dims_high", "dims_low"}.intersection(cfg.sweep.conditions):
+    if cfg.sweep.needs_dims:
         resolve_critical_pair(cfg.sweep.critical_pair, shape, cfg.heads.analysis.critical)
     limit = supported_length(config, cfg.rope)
     notes: list[str] = []
@@ -300,6 +300,7 @@ def _protocol(
         "conditions": [c.name for c in conditions],
         "ablation": cfg.sweep.ablation,
         "critical_pair": i_c,
+        "dims_pairs": cfg.sweep.dims_pairs,
         "model_shape": dataclasses.asdict(prep.shape),
         "device": str(_device(cfg.device)),
         "threads": torch.get_num_threads(),
@@ -378,7 +379,7 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
     )
 
     i_c = None
-    if {"dims_high", "dims_low"}.intersection(cfg.sweep.conditions):
+    if cfg.sweep.needs_dims:
         i_c = resolve_critical_pair(cfg.sweep.critical_pair, prep.shape, cfg.heads.analysis.critical)
     table = prep.head_table
     means = None
@@ -393,7 +394,7 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                 cfg.heads,
                 out_dir,
                 progress=cfg.progress,
-                need_means=cfg.sweep.ablation == "mean",
+                need_means=cfg.sweep.uses_mean,
             )
             table, means = found.table, found.means
             results.set("heads", table)
@@ -407,6 +408,9 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                 shape=prep.shape,
                 random_seeds=cfg.sweep.random_seeds,
                 user_heads=cfg.sweep.user_heads,
+                ablation=cfg.sweep.ablation,
+                i_c=i_c,
+                dims_rule=cfg.sweep.dims_pairs,
             )
         described = [c.describe() for c in conditions]
         previous = results.data.get("conditions") or []

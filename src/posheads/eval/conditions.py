@@ -29,6 +29,7 @@ __all__ = ["NONE", "Condition", "ConditionRunner", "is_out_of_memory", "no_ablat
 #: Kinds of condition: nothing ablated; whole heads ablated; RoPE pairs ablated inside heads.
 CONDITION_KINDS = ("none", "heads", "dims")
 DIM_SIDES = ("high", "low")
+ABLATION_MODES = ("zero", "mean")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,13 @@ class Condition:
         heads: ``(layer, head)`` pairs the condition acts on (empty for ``"none"``).
         family: the condition family (``"random"`` for every random seed) -- plots draw a band over a family.
         seed: the sampling seed of a random control.
-        side: for ``"dims"``: ``"high"`` removes pairs ``i >= i_c``, ``"low"`` removes pairs ``i < i_c``.
+        side: for ``"dims"``: ``"high"`` removes pairs at or above ``i_c``, ``"low"`` pairs below it.
+        ablation: for ``"heads"``: ``"zero"`` or ``"mean"`` (the head's output replaced by its mean over the
+            identification probes); ``None`` = the runner's default mode.
+        pairs: for ``"dims"``: the RoPE pairs removed (``()`` = every pair of ``side``, decided by the
+            runner's ``i_c``).
+        target: for ``"dims"``: the head family the pairs are removed in (``positional``, ``random``,
+            ``lowest``).
     """
 
     name: str
@@ -52,6 +59,9 @@ class Condition:
     family: str = ""
     seed: int | None = None
     side: str | None = None
+    ablation: str | None = None
+    pairs: tuple[int, ...] = ()
+    target: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in CONDITION_KINDS:
@@ -60,7 +70,12 @@ class Condition:
             )
         if self.kind == "dims" and self.side not in DIM_SIDES:
             raise ValueError(f"condition {self.name!r}: side={self.side!r} is not one of {list(DIM_SIDES)}")
+        if self.ablation is not None and self.ablation not in ABLATION_MODES:
+            raise ValueError(
+                f"condition {self.name!r}: ablation={self.ablation!r} is not one of {list(ABLATION_MODES)}"
+            )
         object.__setattr__(self, "heads", tuple(sorted({(int(a), int(b)) for a, b in self.heads})))
+        object.__setattr__(self, "pairs", tuple(sorted({int(p) for p in self.pairs})))
         if not self.family:
             object.__setattr__(self, "family", self.name)
 
@@ -69,8 +84,16 @@ class Condition:
         """True when the condition changes nothing (no ablation, or an empty head set)."""
         return self.kind == "none" or not self.heads
 
+    @property
+    def per_layer(self) -> dict[int, int]:
+        """``{layer: number of heads}`` the condition acts on."""
+        out: dict[int, int] = {}
+        for layer, _ in self.heads:
+            out[layer] = out.get(layer, 0) + 1
+        return out
+
     def describe(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "name": self.name,
             "kind": self.kind,
             "family": self.family,
@@ -78,7 +101,15 @@ class Condition:
             "side": self.side,
             "n_heads": len(self.heads),
             "heads": [list(h) for h in self.heads],
+            "per_layer": {str(k): v for k, v in sorted(self.per_layer.items())},
         }
+        if self.kind == "heads":
+            out["ablation"] = self.ablation
+        if self.kind == "dims":
+            out["target"] = self.target
+            out["pairs"] = list(self.pairs)
+            out["n_pairs"] = len(self.pairs)
+        return out
 
 
 NONE = Condition("none")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from posheads.data import CorpusConfig
-from posheads.eval.sweep import CONDITION_NAMES, NEEDS_POSITIONAL, parse_head
+from posheads.eval.sweep import DIMS_PAIR_RULES, NEEDS_POSITIONAL, parse_condition, parse_head
 from posheads.heads import HeadsConfig
 from posheads.models import ModelConfig
 from posheads.rope import RopeScaling
@@ -231,16 +231,22 @@ class SweepSettings:
     """Ablation conditions evaluated by every task (perplexity, passkey, needle).
 
     Attributes:
-        conditions: any of ``none``, ``positional``, ``random`` (one condition per seed), ``lowest``,
-            ``heads`` (``user_heads``), ``dims_high`` (pairs ``>= i_c`` removed inside the Positional Heads),
-            ``dims_low`` (pairs ``< i_c`` removed).
-        random_seeds: seeds of the random controls (same number of heads per layer as the Positional set).
+        conditions: any of ``none``, ``positional``, ``random`` (one condition per seed; ``random@3`` one
+            seed), ``lowest`` (layer-matched), ``lowest_global``, ``heads`` (``user_heads``), ``dims_high`` /
+            ``dims_low`` (RoPE pairs above / below ``i_c`` removed inside the Positional Heads;
+            ``dims_high[random]``, ``dims_high[random@0]``, ``dims_high[lowest]`` inside a control set).
+            A head condition may carry its ablation mode: ``positional:mean``, ``random:zero``. See
+            :mod:`posheads.eval.sweep`.
+        random_seeds: seeds of the random controls (same number of heads per layer as the Positional set,
+            never a Positional Head).
         user_heads: heads of the ``heads`` condition, ``[layer, head]`` or ``"layer.head"``.
         ablation: ``zero`` (zero the head's input slice of ``o_proj``) or ``mean`` (replace it with the head's
-            mean output over the probe sequences).
+            mean output over the probe sequences): the mode of head conditions that name none.
         critical_pair: ``i_c`` for dimension ablation: ``auto`` (the rule of ``heads.analysis.critical``),
             ``critical`` (first pair whose wavelength exceeds the pre-training context), ``quarter``
             (``d/4``) or a pair index.
+        dims_pairs: ``equal`` (default): ``dims_high`` and ``dims_low`` remove the same number of pairs, the
+            ones nearest ``i_c`` on each side; ``all``: every pair ``>= i_c`` / ``< i_c``.
         max_rows: conditions evaluated together in one batched forward (each row its own ablation mask);
             1 = sequential. Halved automatically on out-of-memory.
         max_batch_tokens: cap on ``rows x length`` per forward (``null`` = no cap).
@@ -251,19 +257,21 @@ class SweepSettings:
     user_heads: list[list[int] | str] = field(default_factory=list)
     ablation: str = "zero"
     critical_pair: int | str = "auto"
+    dims_pairs: str = "equal"
     max_rows: int = 4
     max_batch_tokens: int | None = 16384
 
     def __post_init__(self) -> None:
         if not isinstance(self.conditions, (list, tuple)) or not self.conditions:
             raise ValueError(f"sweep.conditions={self.conditions!r} must be a non-empty list")
-        for c in self.conditions:
-            if c not in CONDITION_NAMES:
-                raise ValueError(f"sweep.conditions: unknown condition {c!r}; known: {list(CONDITION_NAMES)}")
+        specs = [parse_condition(c) for c in self.conditions]
         if len(set(self.conditions)) != len(self.conditions):
             raise ValueError(f"sweep.conditions={self.conditions!r} has duplicates")
-        if "random" in self.conditions and not self.random_seeds:
-            raise ValueError("sweep.random_seeds=[] is empty but sweep.conditions has 'random'")
+        unseeded = [sp.entry for sp in specs if sp.seed is None and "random" in (sp.base, sp.target)]
+        if unseeded and not self.random_seeds:
+            raise ValueError(f"sweep.random_seeds=[] is empty but sweep.conditions has {unseeded}")
+        if self.dims_pairs not in DIMS_PAIR_RULES:
+            raise ValueError(f"sweep.dims_pairs={self.dims_pairs!r} is not one of {list(DIMS_PAIR_RULES)}")
         if len(set(self.random_seeds)) != len(self.random_seeds):
             raise ValueError(f"sweep.random_seeds={self.random_seeds!r} has duplicates")
         self.user_heads = [list(parse_head(h)) for h in self.user_heads]
@@ -284,8 +292,26 @@ class SweepSettings:
         _optional_positive("sweep.max_batch_tokens", self.max_batch_tokens)
 
     @property
+    def bases(self) -> set[str]:
+        """The condition kinds used (``random@3:mean`` -> ``random``)."""
+        return {parse_condition(c).base for c in self.conditions}
+
+    @property
     def needs_positional(self) -> bool:
-        return bool(NEEDS_POSITIONAL.intersection(self.conditions))
+        return bool(NEEDS_POSITIONAL.intersection(self.bases))
+
+    @property
+    def needs_dims(self) -> bool:
+        return bool({"dims_high", "dims_low"}.intersection(self.bases))
+
+    @property
+    def uses_mean(self) -> bool:
+        """Whether any head condition is mean-ablated (the run then needs the heads' mean outputs)."""
+        for c in self.conditions:
+            sp = parse_condition(c)
+            if sp.base not in ("none", "dims_high", "dims_low") and (sp.mode or self.ablation) == "mean":
+                return True
+        return False
 
 
 @dataclass
@@ -412,13 +438,14 @@ class EvalConfig:
             and "heads" not in self.tasks
             and not self.heads.from_results
         ):
-            needs = sorted(NEEDS_POSITIONAL.intersection(self.sweep.conditions))
+            needs = sorted(c for c in self.sweep.conditions if parse_condition(c).base in NEEDS_POSITIONAL)
             raise ValueError(
                 f"sweep.conditions {needs} need the Positional Heads: add 'heads' to tasks or set heads.from_results"
             )
-        if self.sweep.ablation == "mean" and self.evaluates and "heads" not in self.tasks:
+        if self.sweep.uses_mean and self.evaluates and "heads" not in self.tasks:
             raise ValueError(
-                "sweep.ablation='mean' needs the head means of the probe set: add 'heads' to tasks"
+                "mean ablation (sweep.ablation='mean' or a ':mean' condition) needs the head means of the "
+                "probe set: add 'heads' to tasks"
             )
         _optional_positive("threads", self.threads)
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda") or self.device == "mps"):

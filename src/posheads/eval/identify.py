@@ -61,18 +61,23 @@ def identify(
     return Identification(analysis.table(), analysis, means, files)
 
 
-def condition_masks(group: Sequence[Condition], num_layers: int, num_heads: int) -> dict[str, torch.Tensor]:
-    """Per-row boolean ``[B, layers, heads]`` masks of a group: ``"heads"`` (whole-head ablation), ``"high"`` and
-    ``"low"`` (dimension ablation of that side); row ``r`` is ``group[r]``."""
-    masks = {
-        key: torch.zeros(len(group), num_layers, num_heads, dtype=torch.bool)
-        for key in ("heads", "high", "low")
-    }
+def condition_masks(
+    group: Sequence[Condition], num_layers: int, num_heads: int, default_mode: str = "zero"
+) -> dict[Any, torch.Tensor]:
+    """Per-row boolean ``[B, layers, heads]`` masks of a group, row ``r`` = ``group[r]``: ``("heads", mode)``
+    for whole-head ablation in that mode (a condition's own ``ablation``, else ``default_mode``),
+    ``("dims", side, pairs)`` for dimension ablation of those pairs (``pairs = ()``: every pair of the
+    side)."""
+    masks: dict[Any, torch.Tensor] = {}
     for row, cond in enumerate(group):
         if cond.is_noop:
             continue
-        key = "heads" if cond.kind == "heads" else cond.side
-        assert key is not None
+        if cond.kind == "heads":
+            key: tuple[Any, ...] = ("heads", cond.ablation or default_mode)
+        else:
+            key = ("dims", cond.side, cond.pairs)
+        if key not in masks:
+            masks[key] = torch.zeros(len(group), num_layers, num_heads, dtype=torch.bool)
         for layer, head in cond.heads:
             masks[key][row, layer, head] = True
     return masks
@@ -82,9 +87,9 @@ def ablation_apply(mode: str, i_c: int | None, means: torch.Tensor | None, layou
     """``apply(model, group)`` for a :class:`~posheads.eval.conditions.ConditionRunner`.
 
     Args:
-        mode: ``"zero"`` or ``"mean"`` head ablation.
+        mode: ``"zero"`` or ``"mean"``: the head ablation of conditions that carry no ``ablation`` of their own.
         i_c: the critical pair of the dimension conditions (``None`` when there are none).
-        means: mean head outputs for ``mode="mean"``.
+        means: mean head outputs, needed when a condition uses ``ablation="mean"``.
         layout: RoPE pair layout (``"half"`` for Hugging Face models).
     """
     from posheads.eval.sweep import ModelShape
@@ -93,15 +98,20 @@ def ablation_apply(mode: str, i_c: int | None, means: torch.Tensor | None, layou
     @contextlib.contextmanager
     def apply(model: Any, group: Sequence[Condition]) -> Iterator[None]:
         shape = ModelShape.from_config(model.config)
-        masks = condition_masks(group, shape.num_layers, shape.num_heads)
+        masks = condition_masks(group, shape.num_layers, shape.num_heads, mode)
         with contextlib.ExitStack() as stack:
-            if masks["heads"].any():
-                stack.enter_context(ablate_heads(model, masks["heads"], mode=mode, means=means))
-            for side in ("high", "low"):
-                if masks[side].any():
-                    if i_c is None:
+            for key, mask in masks.items():
+                if key[0] == "heads":
+                    stack.enter_context(ablate_heads(model, mask, mode=key[1], means=means))
+                else:
+                    _, side, pairs = key
+                    if i_c is None and not pairs:
                         raise ValueError(f"dimension conditions (side {side!r}) need a critical pair i_c")
-                    stack.enter_context(ablate_dimensions(model, masks[side], i_c, side=side, layout=layout))
+                    stack.enter_context(
+                        ablate_dimensions(
+                            model, mask, i_c or 0, side=side, layout=layout, pairs=list(pairs) or None
+                        )
+                    )
             yield
 
     return apply

@@ -1,23 +1,35 @@
 """Ablation sweeps: which heads each condition ablates, and how a group of conditions is applied per row.
 
-Conditions (DESIGN.md §2, "Ablation operators"), named in configs as
+Conditions (``docs/definitions.md``, "Ablation operators"), named in configs as
 
-=================  ====================================================================================
-``none``           nothing ablated (must reproduce the unablated numbers exactly)
-``positional``     the Positional Heads (identified in the same run, or read from a previous run's table)
-``random``         controls: for every seed, the same number of heads *per layer* as the Positional set,
-                   drawn uniformly among the layer's other heads (``random@<seed>`` in results)
-``lowest``         control: the same number of heads, ranked lowest overall (by the table's ``rank``: the
-                   quantity heads are selected on, ``heads.rank_by``)
-``heads``          a user-given head list (``sweep.user_heads``)
-``dims_high``      inside the Positional Heads, RoPE pairs ``i >= i_c`` removed from the attention logits
-``dims_low``       inside the Positional Heads, RoPE pairs ``i < i_c`` removed
-=================  ====================================================================================
+===========================  =========================================================================
+``none``                     nothing ablated (must reproduce the unablated numbers exactly)
+``positional``               the Positional Heads (identified in the same run, or read from a previous
+                             run's table)
+``random``                   controls, one per seed of ``sweep.random_seeds`` (``random@<seed>`` in
+                             results; ``random@3`` names one seed): the same number of heads *per layer*
+                             as the Positional set, drawn uniformly among the layer's **non-positional**
+                             heads. A layer with fewer non-positional heads than it needs takes the
+                             shortfall from the nearest layers (distance 1, then 2, ...; both layers at a
+                             distance form one pool, drawn from at random with the seed). A control never
+                             contains a Positional Head; ``per_layer`` in results records the counts used.
+``lowest``                   control, layer-matched: in every layer the lowest-ranked non-positional heads
+                             (by the table's ``rank``, else its ``score``), as many as the Positional set
+                             has there; shortfalls from the nearest layers as for ``random`` (lowest rank
+                             first)
+``lowest_global``            the same number of heads, ranked lowest overall (not layer-matched)
+``heads``                    a user-given head list (``sweep.user_heads``)
+``dims_high`` / ``dims_low`` inside the Positional Heads, RoPE pairs above / below ``i_c`` removed from the
+                             attention logits; ``dims_high[random]`` (every seed), ``dims_high[random@0]``,
+                             ``dims_high[lowest]`` do the same inside a control set. With
+                             ``sweep.dims_pairs: equal`` (default) both sides remove the same number
+                             ``n = min(P - i_c, i_c)`` of pairs, the ``n`` nearest to ``i_c`` on their side
+                             (``high``: ``i_c .. i_c+n-1``, ``low``: ``i_c-n .. i_c-1``); ``all`` removes
+                             every pair ``>= i_c`` / ``< i_c``
+===========================  =========================================================================
 
-``i_c`` is the critical pair (Liu et al. 2023, "Scaling Laws of RoPE-based Extrapolation", arXiv 2310.05209):
-by default the first pair whose wavelength exceeds the pre-training context, see
-:func:`posheads.rope.critical_pair`; ``"quarter"`` takes ``d/4`` (the upper half of the pairs) and an
-integer is used as is.
+Every head condition can carry its ablation mode: ``positional:mean``, ``random:zero``, ``random@0:mean``
+(default ``sweep.ablation``), so zero and mean ablation are reported side by side in one sweep.
 
 Head ablation zeroes (or mean-replaces) a head's slice of the input to ``o_proj``; dimension ablation drops
 pairs from ``q~ . k~``; both are per batch row, so a group of conditions runs in one forward with row ``r``
@@ -39,6 +51,9 @@ from posheads.eval.conditions import NONE, Condition
 
 __all__ = [
     "CONDITION_NAMES",
+    "ConditionSpec",
+    "dims_pairs",
+    "parse_condition",
     "HEAD_ROW_KEYS",
     "NEEDS_POSITIONAL",
     "ModelShape",
@@ -52,9 +67,22 @@ __all__ = [
     "validate_heads",
 ]
 
-CONDITION_NAMES = ("none", "positional", "random", "lowest", "heads", "dims_high", "dims_low")
+CONDITION_NAMES = (
+    "none",
+    "positional",
+    "random",
+    "lowest",
+    "lowest_global",
+    "heads",
+    "dims_high",
+    "dims_low",
+)
 #: Conditions that need the Positional-Head set (identification in this run or a previous run's table).
-NEEDS_POSITIONAL = frozenset({"positional", "random", "lowest", "dims_high", "dims_low"})
+NEEDS_POSITIONAL = frozenset({"positional", "random", "lowest", "lowest_global", "dims_high", "dims_low"})
+#: Head families a dimension condition can act on (``dims_high[<family>]``).
+DIMS_FAMILIES = ("positional", "random", "lowest")
+DIMS_PAIR_RULES = ("equal", "all")
+ABLATION_MODES = ("zero", "mean")
 HEAD_ROW_KEYS = ("layer", "head", "score", "z", "positional")
 
 
@@ -229,39 +257,199 @@ def positional_heads(table: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]
     return sorted((int(r["layer"]), int(r["head"])) for r in table if r["positional"])
 
 
+def _per_layer(heads: Sequence[tuple[int, int]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for layer, _ in heads:
+        out[layer] = out.get(layer, 0) + 1
+    return out
+
+
+def _matched_draw(
+    positional: Sequence[tuple[int, int]],
+    shape: ModelShape,
+    pick: Any,
+) -> list[tuple[int, int]]:
+    """Per-layer matched control heads that never include a Positional Head.
+
+    Every layer first takes ``min(needed, available)`` heads from its own non-positional heads, chosen by
+    ``pick(candidates, k, layer)`` (candidates sorted); then every layer's shortfall is taken from the
+    heads still free in the nearest layers -- distance 1 (both neighbours pooled), then 2, ... -- again by
+    ``pick`` (``layer`` is the layer whose shortfall is filled). Raises ``ValueError`` when the model has
+    too few non-positional heads."""
+    need = _per_layer(positional)
+    excluded = set(positional)
+    free = {
+        layer: [h for h in range(shape.num_heads) if (layer, h) not in excluded]
+        for layer in range(shape.num_layers)
+    }
+    if sum(len(v) for v in free.values()) < len(excluded):
+        raise ValueError(
+            f"a control matched to {len(excluded)} Positional Heads needs as many non-positional heads; "
+            f"the model has {sum(len(v) for v in free.values())}"
+        )
+    chosen: list[tuple[int, int]] = []
+    shortfall: dict[int, int] = {}
+    for layer in sorted(need):
+        k = min(need[layer], len(free[layer]))
+        got = pick([(layer, h) for h in free[layer]], k, layer) if k else []
+        chosen.extend(got)
+        free[layer] = [h for h in free[layer] if (layer, h) not in set(got)]
+        if need[layer] > k:
+            shortfall[layer] = need[layer] - k
+    for layer in sorted(shortfall):
+        missing = shortfall[layer]
+        for dist in range(1, shape.num_layers):
+            if not missing:
+                break
+            near = [n for n in (layer - dist, layer + dist) if 0 <= n < shape.num_layers]
+            pool = sorted((n, h) for n in near for h in free[n])
+            if not pool:
+                continue
+            got = pick(pool, min(missing, len(pool)), layer)
+            chosen.extend(got)
+            for n, h in got:
+                free[n].remove(h)
+            missing -= len(got)
+    return sorted(chosen)
+
+
 def random_matched_heads(
     positional: Sequence[tuple[int, int]], shape: ModelShape, seed: int
 ) -> list[tuple[int, int]]:
     """Random control heads: in every layer, as many heads as the Positional set has there, drawn uniformly
-    (seeded, independent of iteration order) among the layer's non-positional heads -- or among all its
-    heads when too few non-positional ones remain."""
-    per_layer: dict[int, int] = {}
-    for layer, _ in positional:
-        per_layer[layer] = per_layer.get(layer, 0) + 1
-    chosen = set(positional)
-    out: list[tuple[int, int]] = []
-    for layer in sorted(per_layer):
-        rng = random.Random(derive_seed("random-heads", seed, layer))
-        pool = [h for h in range(shape.num_heads) if (layer, h) not in chosen]
-        if len(pool) < per_layer[layer]:
-            pool = list(range(shape.num_heads))
-        out.extend((layer, h) for h in sorted(rng.sample(pool, per_layer[layer])))
-    return out
+    (seeded, independent of iteration order) among the layer's non-positional heads; a layer's shortfall
+    (too few non-positional heads) is drawn from the nearest layers' remaining non-positional heads
+    (both layers at one distance pooled; the draw among them is seeded). Never returns a Positional Head."""
+
+    def pick(candidates: list[tuple[int, int]], k: int, layer: int) -> list[tuple[int, int]]:
+        rng = random.Random(derive_seed("random-heads", seed, layer, len(candidates)))
+        return rng.sample(candidates, k)
+
+    return _matched_draw(positional, shape, pick)
 
 
-def lowest_heads(table: Sequence[Mapping[str, Any]], count: int) -> list[tuple[int, int]]:
-    """The ``count`` heads ranked lowest by the quantity the Positional Heads were selected on: the table's
-    ``rank`` column (1 = best; written by the identification, whatever ``heads.rank_by`` was) when every row
-    has one, else the ``score`` (missing scores rank last; ties broken by layer, head)."""
+def _rank_key(table: Sequence[Mapping[str, Any]]) -> dict[tuple[int, int], tuple[float, int, int]]:
+    """Sort key per head, lowest-ranked first: by the table's ``rank`` (descending) when every row has one,
+    else by ``score`` (ascending; missing scores last: never taken for lowest), ties by layer, head."""
     if all("rank" in r for r in table):
-        ranked = sorted(table, key=lambda r: (-int(r["rank"]), int(r["layer"]), int(r["head"])))
+        return {
+            (int(r["layer"]), int(r["head"])): (-float(r["rank"]), int(r["layer"]), int(r["head"]))
+            for r in table
+        }
+
+    def score(r: Mapping[str, Any]) -> float:
+        return float("inf") if r.get("score") is None else float(r["score"])
+
+    return {(int(r["layer"]), int(r["head"])): (score(r), int(r["layer"]), int(r["head"])) for r in table}
+
+
+def lowest_matched_heads(
+    table: Sequence[Mapping[str, Any]], positional: Sequence[tuple[int, int]], shape: ModelShape
+) -> list[tuple[int, int]]:
+    """Layer-matched lowest control: in every layer, the lowest-ranked non-positional heads, as many as the
+    Positional set has there; shortfalls from the nearest layers (lowest-ranked first). Heads missing from
+    the table rank above every listed one (never picked before them)."""
+    key = _rank_key(table)
+    top = (float("inf"), 0, 0)
+
+    def pick(candidates: list[tuple[int, int]], k: int, layer: int) -> list[tuple[int, int]]:
+        return sorted(candidates, key=lambda h: key.get(h, top))[:k]
+
+    return _matched_draw(positional, shape, pick)
+
+
+def lowest_heads(
+    table: Sequence[Mapping[str, Any]], count: int, exclude: Iterable[tuple[int, int]] = ()
+) -> list[tuple[int, int]]:
+    """The ``count`` heads ranked lowest overall by the quantity the Positional Heads were selected on: the
+    table's ``rank`` column (1 = best; written by the identification, whatever ``heads.rank_by`` was) when
+    every row has one, else the ``score`` (missing scores rank last; ties broken by layer, head). Not
+    layer-matched: the ``lowest_global`` condition (``lowest`` is :func:`lowest_matched_heads`). Heads in
+    ``exclude`` (the Positional Heads) are never taken."""
+    key = _rank_key(table)
+    skip = set(exclude)
+    ranked = sorted((h for h in key if h not in skip), key=lambda h: key[h])
+    return sorted(ranked[:count])
+
+
+def dims_pairs(side: str, i_c: int, num_pairs: int, rule: str = "equal") -> tuple[int, ...]:
+    """The RoPE pairs a dimension condition removes.
+
+    ``rule="all"``: every pair ``>= i_c`` (``high``) or ``< i_c`` (``low``). ``rule="equal"``: both sides
+    remove ``n = min(num_pairs - i_c, i_c)`` pairs, the ``n`` nearest to ``i_c`` on their side (``high``:
+    ``i_c .. i_c+n-1``; ``low``: ``i_c-n .. i_c-1``), so high and low remove the same number of pairs."""
+    if side not in ("high", "low"):
+        raise ValueError(f"side={side!r} is not 'high' or 'low'")
+    if rule not in DIMS_PAIR_RULES:
+        raise ValueError(f"sweep.dims_pairs={rule!r} is not one of {list(DIMS_PAIR_RULES)}")
+    if not 0 <= i_c <= num_pairs:
+        raise ValueError(f"i_c={i_c} must be in [0, {num_pairs}]")
+    if rule == "all":
+        return tuple(range(i_c, num_pairs)) if side == "high" else tuple(range(i_c))
+    n = min(num_pairs - i_c, i_c)
+    return tuple(range(i_c, i_c + n)) if side == "high" else tuple(range(i_c - n, i_c))
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """One ``sweep.conditions`` entry, parsed: ``base`` (a :data:`CONDITION_NAMES` entry), ``seed`` (one
+    random seed, ``random@3`` / ``dims_high[random@3]``), ``target`` (the head family of a dims condition),
+    ``mode`` (``zero`` / ``mean`` for head conditions; ``None`` = ``sweep.ablation``)."""
+
+    entry: str
+    base: str
+    seed: int | None = None
+    target: str | None = None
+    mode: str | None = None
+
+
+def parse_condition(entry: Any, option: str = "sweep.conditions") -> ConditionSpec:
+    """Parse ``name[:mode]``, ``random@<seed>[:mode]``, ``dims_high[<family>]`` / ``dims_low[<family>]``
+    (family ``positional``, ``random``, ``random@<seed>``, ``lowest``)."""
+    if not isinstance(entry, str) or not entry:
+        raise ValueError(f"{option}: {entry!r} is not a condition name")
+    text, mode = entry, None
+    if ":" in text:
+        text, mode = text.rsplit(":", 1)
+        if mode not in ABLATION_MODES:
+            raise ValueError(
+                f"{option}: {entry!r}: ablation mode {mode!r} is not one of {list(ABLATION_MODES)}"
+            )
+    target = None
+    if text.endswith("]") and "[" in text:
+        text, target = text[:-1].split("[", 1)
+    base, seed = text, None
+    fam = target if target is not None else text
+
+    def split_seed(name: str) -> tuple[str, int | None]:
+        if "@" not in name:
+            return name, None
+        head, _, s = name.partition("@")
+        try:
+            return head, int(s)
+        except ValueError:
+            raise ValueError(f"{option}: {entry!r}: seed {s!r} is not an integer") from None
+
+    if target is not None:
+        fam, seed = split_seed(target)
+        if base not in ("dims_high", "dims_low"):
+            raise ValueError(f"{option}: {entry!r}: only dims_high / dims_low take a [family]")
+        if fam not in DIMS_FAMILIES:
+            raise ValueError(f"{option}: {entry!r}: family {fam!r} is not one of {list(DIMS_FAMILIES)}")
+        if seed is not None and fam != "random":
+            raise ValueError(f"{option}: {entry!r}: only the random family takes a seed")
+        target = fam
     else:
-
-        def score(r: Mapping[str, Any]) -> float:
-            return float("inf") if r.get("score") is None else float(r["score"])
-
-        ranked = sorted(table, key=lambda r: (score(r), int(r["layer"]), int(r["head"])))
-    return sorted((int(r["layer"]), int(r["head"])) for r in ranked[:count])
+        base, seed = split_seed(text)
+        if seed is not None and base != "random":
+            raise ValueError(f"{option}: {entry!r}: only random takes a seed (random@<seed>)")
+    if base not in CONDITION_NAMES:
+        raise ValueError(f"{option}: unknown condition {entry!r}; known: {list(CONDITION_NAMES)}")
+    if mode is not None and (base in ("none", "dims_high", "dims_low")):
+        raise ValueError(f"{option}: {entry!r}: {base} takes no ablation mode (only head conditions do)")
+    if base in ("dims_high", "dims_low") and target is None:
+        target = "positional"
+    return ConditionSpec(entry, base, seed, target, mode)
 
 
 def build_conditions(
@@ -271,13 +459,15 @@ def build_conditions(
     shape: ModelShape,
     random_seeds: Sequence[int] = (0, 1, 2),
     user_heads: Sequence[Any] = (),
+    ablation: str = "zero",
+    i_c: int | None = None,
+    dims_rule: str = "equal",
 ) -> list[Condition]:
     """The :class:`Condition` list of a sweep, in the order of ``names`` (``random`` expands to one condition
-    per seed)."""
-    unknown = [n for n in names if n not in CONDITION_NAMES]
-    if unknown:
-        raise ValueError(f"sweep.conditions: {unknown} not in {list(CONDITION_NAMES)}")
-    needs = sorted(NEEDS_POSITIONAL.intersection(names))
+    per seed; ``dims_high[random]`` likewise). Every control is checked to share no head with the Positional
+    set. ``i_c`` is needed by dims conditions; ``ablation`` is the mode of head conditions without one."""
+    specs = [parse_condition(n) for n in names]
+    needs = sorted({sp.entry for sp in specs if sp.base in NEEDS_POSITIONAL})
     if needs and not table:
         raise ValueError(
             f"sweep.conditions {needs} need a Positional-Head table: add 'heads' to tasks or set heads.from_results"
@@ -285,28 +475,95 @@ def build_conditions(
     pos = positional_heads(table) if table else []
     if needs and not pos:
         raise ValueError(f"sweep.conditions {needs}: the head table marks no head as positional")
+    if any(sp.base in ("dims_high", "dims_low") for sp in specs) and i_c is None:
+        raise ValueError("sweep.conditions with dims_high / dims_low need the critical pair i_c")
+    cache: dict[Any, list[tuple[int, int]]] = {}
+
+    def family_heads(fam: str, seed: int | None = None) -> list[tuple[int, int]]:
+        key = (fam, seed)
+        if key not in cache:
+            if fam == "positional":
+                cache[key] = list(pos)
+            elif fam == "random":
+                assert seed is not None
+                cache[key] = random_matched_heads(pos, shape, seed)
+            elif fam == "lowest":
+                assert table is not None
+                cache[key] = lowest_matched_heads(table, pos, shape)
+            elif fam == "lowest_global":
+                assert table is not None
+                cache[key] = lowest_heads(table, len(pos), exclude=pos)
+            if fam != "positional" and set(cache[key]) & set(pos):
+                raise AssertionError(f"control {fam} shares heads {sorted(set(cache[key]) & set(pos))}")
+        return cache[key]
+
+    def seeds_of(sp: ConditionSpec) -> list[int]:
+        if sp.seed is not None:
+            return [sp.seed]
+        if not random_seeds:
+            raise ValueError(f"sweep.random_seeds=[] is empty but sweep.conditions has {sp.entry!r}")
+        return [int(s) for s in random_seeds]
+
     out: list[Condition] = []
-    for name in names:
-        if name == "none":
+    for sp in specs:
+        mode = sp.mode or ablation
+        suffix = "" if sp.mode is None else f":{sp.mode}"
+        if sp.base == "none":
             out.append(NONE)
-        elif name == "positional":
-            out.append(Condition("positional", "heads", tuple(pos)))
-        elif name == "random":
-            if not random_seeds:
-                raise ValueError("sweep.random_seeds=[] is empty but sweep.conditions has 'random'")
-            for seed in random_seeds:
-                heads = random_matched_heads(pos, shape, seed)
+        elif sp.base in ("positional", "lowest", "lowest_global"):
+            heads = family_heads(sp.base)
+            out.append(
+                Condition(sp.base + suffix, "heads", tuple(heads), family=sp.base + suffix, ablation=mode)
+            )
+        elif sp.base == "random":
+            for seed in seeds_of(sp):
                 out.append(
-                    Condition(f"random@{seed}", "heads", tuple(heads), family="random", seed=int(seed))
+                    Condition(
+                        f"random@{seed}{suffix}",
+                        "heads",
+                        tuple(family_heads("random", seed)),
+                        family="random" + suffix,
+                        seed=seed,
+                        ablation=mode,
+                    )
                 )
-        elif name == "lowest":
-            assert table is not None
-            out.append(Condition("lowest", "heads", tuple(lowest_heads(table, len(pos)))))
-        elif name == "heads":
+        elif sp.base == "heads":
             heads = validate_heads(user_heads, shape)
             if not heads:
                 raise ValueError("sweep.conditions has 'heads' but sweep.user_heads=[] is empty")
-            out.append(Condition("heads", "heads", tuple(heads)))
-        elif name in ("dims_high", "dims_low"):
-            out.append(Condition(name, "dims", tuple(pos), side=name.split("_")[1]))
+            out.append(Condition("heads" + suffix, "heads", tuple(heads), ablation=mode))
+        else:  # dims_high / dims_low
+            assert i_c is not None and sp.target is not None
+            side = sp.base.split("_")[1]
+            pairs = dims_pairs(side, i_c, shape.num_pairs, dims_rule)
+            if sp.target == "random":
+                for seed in seeds_of(sp):
+                    out.append(
+                        Condition(
+                            f"{sp.base}[random@{seed}]",
+                            "dims",
+                            tuple(family_heads("random", seed)),
+                            family=f"{sp.base}[random]",
+                            seed=seed,
+                            side=side,
+                            pairs=pairs,
+                            target="random",
+                        )
+                    )
+            else:
+                name = sp.base if sp.target == "positional" else f"{sp.base}[{sp.target}]"
+                out.append(
+                    Condition(
+                        name,
+                        "dims",
+                        tuple(family_heads(sp.target)),
+                        side=side,
+                        pairs=pairs,
+                        target=sp.target,
+                    )
+                )
+    names_out = [c.name for c in out]
+    dup = sorted({n for n in names_out if names_out.count(n) > 1})
+    if dup:
+        raise ValueError(f"sweep.conditions: conditions {dup} occur more than once")
     return out

@@ -178,11 +178,21 @@ class _DimensionHook:
         return torch.where(drop, torch.zeros((), dtype=q.dtype, device=q.device), q)
 
 
-def _kept_components(head_dim: int, i_c: int, side: str, layout: str) -> torch.Tensor:
-    """``[d]`` bool: which query components survive removing pairs ``>= i_c`` (``high``) or ``< i_c`` (``low``)."""
-    pairs = head_dim // 2
-    pair = torch.arange(pairs)
-    removed = pair >= i_c if side == "high" else pair < i_c  # [P]
+def _kept_components(
+    head_dim: int, i_c: int, side: str, layout: str, pairs: Sequence[int] | None = None
+) -> torch.Tensor:
+    """``[d]`` bool: which query components survive removing pairs ``>= i_c`` (``high``) or ``< i_c`` (``low``),
+    or exactly the pairs ``pairs`` when given."""
+    n_pairs = head_dim // 2
+    pair = torch.arange(n_pairs)
+    if pairs is not None:
+        bad = [p for p in pairs if not 0 <= int(p) < n_pairs]
+        if bad:
+            raise ValueError(f"dimension pairs {bad} out of range 0..{n_pairs - 1}")
+        removed = torch.zeros(n_pairs, dtype=torch.bool)
+        removed[[int(p) for p in pairs]] = True
+    else:
+        removed = pair >= i_c if side == "high" else pair < i_c  # [P]
     half = torch.cat([removed, removed])  # rotate-half: pair i is components i and i + P
     if layout == "half":
         return ~half
@@ -196,7 +206,12 @@ def _kept_components(head_dim: int, i_c: int, side: str, layout: str) -> torch.T
 
 @contextmanager
 def ablate_dimensions(
-    model: nn.Module, heads: HeadSpec, i_c: int, side: str = "high", layout: str = "half"
+    model: nn.Module,
+    heads: HeadSpec,
+    i_c: int,
+    side: str = "high",
+    layout: str = "half",
+    pairs: Sequence[int] | None = None,
 ) -> Iterator[torch.Tensor | None]:
     """Remove RoPE pairs ``>= i_c`` (``side="high"``) or ``< i_c`` (``"low"``) from the chosen heads' logits.
 
@@ -205,6 +220,7 @@ def ablate_dimensions(
         i_c: the critical pair (see :func:`posheads.heads.hda.resolve_critical_pair`).
         side: ``"high"`` or ``"low"``.
         layout: ``"half"`` (rotate-half, Hugging Face) or ``"interleaved"``.
+        pairs: remove exactly these pairs instead (e.g. equal numbers on both sides of ``i_c``).
     """
     if side not in DIMENSION_SIDES:
         raise ValueError(f"dimension side={side!r} is not one of {list(DIMENSION_SIDES)}")
@@ -215,7 +231,7 @@ def ablate_dimensions(
     if mask is None:
         yield None
         return
-    keep = _kept_components(head_dim, i_c, side, layout)
+    keep = _kept_components(head_dim, i_c, side, layout, pairs)
     layers = _ablated_layers(mask)
     hooks = {layer: _DimensionHook(mask, layer, keep) for layer in layers}
     with attention_hooks(model, hooks):
