@@ -238,8 +238,11 @@ def test_precision_checkpointing_and_accumulation_options_train(tmp_path, precis
         lm=ModelConfig(name_or_path="tiny", tiny=TinySpec(**TINY_SPEC), **lm_options),
         rope=RopeScaling(method="linear", factor=2.0),
         optim=OptimConfig(lr=3e-3, total_steps=3),
+        loss_chunk_size=48,  # the chunked loss (3 blocks per 2 x 64 batch), as at long lengths
+        chunked_loss_from=0,
     )
     assert module.model.is_gradient_checkpointing
+    assert module.uses_chunked_loss(torch.zeros(2, 64, dtype=torch.long))
     data = LengthExtensionDataModule(
         CorpusConfig(kind="pydoc", max_documents=20), batch_size=2, val_windows=2, cache_dir=""
     )

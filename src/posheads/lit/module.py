@@ -8,7 +8,12 @@ What it does
   dynamic NTK, YaRN, Llama-3, LongRoPE), optionally wraps it with LoRA (``lm.lora``) and enables gradient
   checkpointing (``lm.gradient_checkpointing``). Attention runs through SDPA (or flash attention); ``eager``
   is refused because it materialises the ``L x L`` attention matrix at the target length.
-* ``training_step``: next-token cross-entropy on packed sequences of ``target_length`` tokens.
+* ``training_step``: next-token cross-entropy on packed sequences of ``target_length`` tokens. From
+  ``chunked_loss_from`` tokens per batch (default 4096) the loss is computed ``loss_chunk_size`` positions at a
+  time from the final hidden states (:func:`posheads.lit.loss.chunked_causal_lm_loss`), never holding the
+  ``[tokens, vocab]`` float32 logits (6.4 GB for SmolLM2 at 32k tokens); loss and gradients equal the plain
+  loss's. Models whose output head is not a plain linear layer (adapter on ``lm_head``, logit soft-capping)
+  use the plain loss.
 * ``configure_optimizers``: AdamW with warm-up and a cosine / linear / constant schedule
   (:class:`~posheads.lit.config.OptimConfig`); accumulation, clipping and mixed precision are Trainer options
   (``trainer.accumulate_grad_batches``, ``trainer.gradient_clip_val``, ``trainer.precision: bf16-mixed``).
@@ -46,6 +51,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from posheads.lit.config import OptimConfig
+from posheads.lit.loss import chunked_causal_lm_loss, chunked_loss_supported
 from posheads.lit.metrics import IGNORE_INDEX, NLLSum, TokenNLL, causal_nll_sum
 from posheads.lit.optim import build_optimizer, build_scheduler
 from posheads.models import ModelConfig, load_model, load_tokenizer
@@ -79,6 +85,11 @@ class LengthExtensionModule(L.LightningModule):
         optim: AdamW and learning-rate schedule (:class:`~posheads.lit.config.OptimConfig`).
         extra_eval_lengths: validate at these lengths too (besides the original and the target length).
         log_grad_norm: log ``train/grad_norm`` (global gradient norm before clipping).
+        loss_chunk_size: positions per block of the chunked training loss; ``null`` = always the plain loss
+            (full logits).
+        chunked_loss_from: use the chunked loss when a training batch has at least this many tokens
+            (``batch_size x target_length``; 0 = always). Below it the plain loss is used (its full logits are
+            small there).
     """
 
     def __init__(
@@ -90,6 +101,8 @@ class LengthExtensionModule(L.LightningModule):
         optim: OptimConfig = OptimConfig(),  # noqa: B008
         extra_eval_lengths: list[int] | None = None,
         log_grad_norm: bool = True,
+        loss_chunk_size: int | None = 1024,
+        chunked_loss_from: int = 4096,
     ):
         super().__init__()
         self.lm: ModelConfig = _as(ModelConfig, lm) or ModelConfig()
@@ -109,6 +122,19 @@ class LengthExtensionModule(L.LightningModule):
         if any(n < 2 for n in self.extra_eval_lengths):
             raise ValueError(f"model.extra_eval_lengths={extra_eval_lengths!r} must be lengths >= 2")
         self.log_grad_norm = log_grad_norm
+        if loss_chunk_size is not None and (
+            isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 1
+        ):
+            raise ValueError(f"model.loss_chunk_size={loss_chunk_size!r} must be an int >= 1 or null")
+        if (
+            isinstance(chunked_loss_from, bool)
+            or not isinstance(chunked_loss_from, int)
+            or chunked_loss_from < 0
+        ):
+            raise ValueError(f"model.chunked_loss_from={chunked_loss_from!r} must be an int >= 0")
+        self.loss_chunk_size = loss_chunk_size
+        self.chunked_loss_from = chunked_loss_from
+        self._chunked_supported: bool | None = None
         # LoRA checkpoints hold only the adapters: the frozen base weights come from lm.name_or_path again
         self.strict_loading = self.lm.lora is None
 
@@ -121,6 +147,8 @@ class LengthExtensionModule(L.LightningModule):
                 "optim": dataclasses.asdict(self.optim),
                 "extra_eval_lengths": self.extra_eval_lengths,
                 "log_grad_norm": log_grad_norm,
+                "loss_chunk_size": loss_chunk_size,
+                "chunked_loss_from": chunked_loss_from,
             }
         )
         self.val_nll = nn.ModuleDict()  # str(length) -> TokenNLL, created on first use
@@ -221,9 +249,29 @@ class LengthExtensionModule(L.LightningModule):
         logits = self(input_ids).logits  # [B, L, V]
         return causal_nll_sum(logits, labels)
 
+    def uses_chunked_loss(self, input_ids: torch.Tensor) -> bool:
+        """Whether :meth:`training_loss` computes the loss of this ``[B, L]`` batch in chunks."""
+        if self.loss_chunk_size is None or input_ids.numel() < self.chunked_loss_from:
+            return False
+        if self._chunked_supported is None:
+            self._chunked_supported = chunked_loss_supported(self.model)
+            if not self._chunked_supported:
+                rank_zero_warn(
+                    f"model {self.lm.name_or_path!r}: the output head is not a plain linear layer (or the logits "
+                    "are soft-capped / scaled); training with the plain loss (full logits)"
+                )
+        return self._chunked_supported
+
+    def training_loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean next-token NLL over the positions with ``labels != -100`` (the Hugging Face loss), chunked
+        from ``chunked_loss_from`` tokens per batch (same value and gradients, no full logits)."""
+        if self.uses_chunked_loss(input_ids):
+            return chunked_causal_lm_loss(self.model, input_ids, labels, int(self.loss_chunk_size))  # type: ignore[arg-type]
+        return self(input_ids, labels=labels).loss
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         input_ids = batch["input_ids"]  # [B, target_length]
-        loss = self(input_ids, labels=input_ids).loss  # mean over B * (L - 1) predictions
+        loss = self.training_loss(input_ids, input_ids)  # mean over B * (L - 1) predictions
         # counted here, not in on_train_batch_end: checkpoint callbacks run before the module's batch-end hook
         self._tokens_seen += input_ids.numel() * self.trainer.world_size
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
