@@ -133,7 +133,8 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         )
 
 
-def _hf_model(model: nn.Module) -> nn.Module:
+def _hf_model(model: nn.Module) -> Any:
+    """The Transformers model (typed ``Any``: its ``get_decoder`` / ``get_output_embeddings`` are duck-typed)."""
     get_base = getattr(model, "get_base_model", None)  # peft: LoRA layers are injected in place
     return get_base() if callable(get_base) else model
 
