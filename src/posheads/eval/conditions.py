@@ -80,6 +80,11 @@ class Condition:
             object.__setattr__(self, "family", self.name)
 
     @property
+    def first_layer(self) -> int | None:
+        """The first layer the condition changes (``None`` when it changes nothing)."""
+        return None if self.is_noop else min(layer for layer, _ in self.heads)
+
+    @property
     def is_noop(self) -> bool:
         """True when the condition changes nothing (no ablation, or an empty head set)."""
         return self.kind == "none" or not self.heads
@@ -134,6 +139,7 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 ApplyFn = Callable[[Any, Sequence[Condition]], contextlib.AbstractContextManager[Any]]
+PrefixFn = Callable[[Any, int], contextlib.AbstractContextManager[Any]]
 
 
 @dataclass
@@ -146,6 +152,11 @@ class ConditionRunner:
         apply: ``apply(model, group)`` -> context manager under which batch row ``r`` runs ``group[r]``.
         max_rows: most conditions per forward (1 = sequential).
         max_batch_tokens: most ``rows x sequence length`` per forward (``None``: no limit).
+        prefix: ``prefix(model, first_layer)`` -> context manager under which a forward whose rows are one
+            sequence runs layers ``< first_layer`` once and broadcasts them to the rows
+            (:func:`posheads.heads.ablation.shared_prefix`); ``None`` = every row runs every layer.
+        num_layers: the model's layer count (the shared prefix of a group of no-op conditions); needed with
+            ``prefix``.
     """
 
     model: Any
@@ -153,7 +164,11 @@ class ConditionRunner:
     apply: ApplyFn = no_ablation
     max_rows: int = 1
     max_batch_tokens: int | None = None
+    prefix: PrefixFn | None = None
+    num_layers: int | None = None
     _fallbacks: int = field(default=0, init=False)
+    #: layers computed once per forward thanks to the shared prefix, summed over forwards (for reports).
+    shared_layer_rows: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
         names = [c.name for c in self.conditions]
@@ -166,6 +181,8 @@ class ConditionRunner:
             raise ValueError(f"max_rows={self.max_rows!r} must be >= 1")
         if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens={self.max_batch_tokens!r} must be >= 1 or None")
+        if self.prefix is not None and (self.num_layers is None or self.num_layers < 1):
+            raise ValueError("a ConditionRunner with a shared prefix needs num_layers >= 1")
 
     def rows_for(self, length: int) -> int:
         """Conditions per forward at sequence length ``length``."""
@@ -174,15 +191,32 @@ class ConditionRunner:
             rows = min(rows, max(1, self.max_batch_tokens // max(1, length)))
         return max(1, rows)
 
+    def first_layer(self, group: Sequence[Condition]) -> int:
+        """The layers a group of conditions shares: the first layer any of them changes (``num_layers`` when
+        none changes anything)."""
+        assert self.num_layers is not None
+        return min((c.first_layer for c in group if c.first_layer is not None), default=self.num_layers)
+
     def groups(self, length: int, conditions: Sequence[Condition] | None = None) -> list[list[Condition]]:
-        """``conditions`` (default: all) cut into consecutive groups of :meth:`rows_for` conditions."""
+        """``conditions`` (default: all) cut into consecutive groups of :meth:`rows_for` conditions. With a
+        shared prefix they are first sorted by the first layer they change, latest first (stable), so that
+        the groups' shared prefixes are as long as they can be (consecutive chunks of the sorted order
+        maximise the sum of the groups' minima)."""
         conds = list(self.conditions if conditions is None else conditions)
+        if self.prefix is not None:
+            assert self.num_layers is not None
+            n = self.num_layers
+            conds.sort(key=lambda c: -(n if c.first_layer is None else c.first_layer))
         size = self.rows_for(length)
         return [conds[i : i + size] for i in range(0, len(conds), size)]
 
-    def call(self, group: Sequence[Condition], fn: Callable[[int], Any]) -> list[Any]:
+    def call(self, group: Sequence[Condition], fn: Callable[[int], Any], broadcast: bool = True) -> list[Any]:
         """``fn(n_rows)`` under ``apply(model, chunk)`` for consecutive chunks of ``group`` of at most
         ``max_rows`` conditions; returns one result per condition of ``group``, in order.
+
+        With ``broadcast`` (and a runner built with ``prefix``), ``fn``'s forwards must feed one sequence to
+        every row: the layers before the chunk's first changed layer run once (``prefix``). Pass
+        ``broadcast=False`` for functions whose rows diverge (greedy decoding).
 
         ``fn`` returns a sequence (or tensor) whose first dimension is ``n_rows``. On out-of-memory the chunk
         size is halved (down to one condition per forward, i.e. sequential evaluation) and kept lowered for
@@ -194,7 +228,12 @@ class ConditionRunner:
         while i < len(group):
             chunk = group[i : i + self.max_rows]
             try:
-                with self.apply(self.model, chunk):
+                with contextlib.ExitStack() as stack:
+                    if broadcast and self.prefix is not None and len(chunk) > 1:
+                        first = self.first_layer(chunk)
+                        stack.enter_context(self.prefix(self.model, first))
+                        self.shared_layer_rows += first * (len(chunk) - 1)
+                    stack.enter_context(self.apply(self.model, chunk))
                     res = fn(len(chunk))
             except (RuntimeError, torch.OutOfMemoryError) as err:
                 if not is_out_of_memory(err) or len(chunk) == 1:

@@ -10,6 +10,7 @@ over the seeded trials.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 from collections.abc import Callable, Sequence
@@ -22,7 +23,18 @@ from tqdm.auto import tqdm
 from posheads.data.retrieval import RetrievalPrompt, answer_matches
 from posheads.eval.conditions import NONE, Condition, ConditionRunner
 
-__all__ = ["RetrievalRow", "evaluate_retrieval", "greedy_decode"]
+__all__ = [
+    "SCORINGS",
+    "AnswerScore",
+    "RetrievalRow",
+    "evaluate_retrieval",
+    "evaluate_suite",
+    "greedy_decode",
+    "greedy_exact",
+    "score_answers",
+    "suite_row",
+    "teacher_forced_logits",
+]
 
 _DONE = re.compile(r"\d+\D")
 
@@ -161,6 +173,250 @@ def evaluate_retrieval(
                         )
             for i, cond in enumerate(group):
                 row = RetrievalRow(cond.name, length, depth, correct[i] / len(cell), len(cell), correct[i])
+                rows.append(row)
+                if on_row is not None:
+                    on_row(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------------
+# Teacher-forced scoring (the suite)
+# --------------------------------------------------------------------------------------------------------
+
+#: How a suite prompt is scored: one teacher-forced forward, greedy decoding, or both (a check).
+SCORINGS = ("teacher_forced", "greedy", "both")
+
+
+@dataclass(frozen=True)
+class AnswerScore:
+    """Teacher-forced scores of one answer under one condition.
+
+    Attributes:
+        exact: every answer token is the argmax given the prompt and the answer's earlier tokens -- the same
+            as greedy decoding producing exactly ``answer_ids`` first (by induction on the answer tokens).
+        logprob: ``sum_t log p(answer_t | prompt, answer_<t)``.
+        token_logprobs: the per-token terms of ``logprob``.
+        ranks: per answer token, how many vocabulary entries have a strictly larger logit (0 = top).
+        items: per answer item (span of :attr:`~posheads.data.tasks.TaskPrompt.items`), whether all its tokens
+            are the argmax (teacher forced: earlier items are given, so each item is scored on its own).
+    """
+
+    exact: bool
+    logprob: float
+    token_logprobs: tuple[float, ...]
+    ranks: tuple[int, ...]
+    items: tuple[bool, ...]
+
+
+def teacher_forced_logits(
+    model: Any, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, rows: int
+) -> torch.Tensor:
+    """Logits of the answer positions: one forward over ``prompt + answer[:-1]`` (``rows`` identical rows, one
+    per condition of a group). Returns ``[rows, A, V]``: row ``r``, position ``t`` predicts ``answer[t]``."""
+    if answer_ids.numel() < 1:
+        raise ValueError("an answer needs at least one token")
+    ids = torch.cat([prompt_ids.reshape(-1), answer_ids.reshape(-1)[:-1]])[None]  # [1, L + A - 1]
+    ids = ids.to(next(model.parameters()).device).expand(rows, -1)
+    n = answer_ids.numel()
+    return model(input_ids=ids, use_cache=False, logits_to_keep=n).logits[:, -n:]  # [rows, A, V]
+
+
+def score_answers(
+    logits: torch.Tensor, answer_ids: torch.Tensor, items: Sequence[tuple[int, int]] = ()
+) -> list[AnswerScore]:
+    """:class:`AnswerScore` per row of ``logits`` (``[B, A, V]``, position ``t`` predicting ``answer_ids[t]``)."""
+    logits = logits.float()
+    target = answer_ids.reshape(-1).to(logits.device)  # [A]
+    if logits.shape[1] != target.numel():
+        raise ValueError(f"logits cover {logits.shape[1]} positions, the answer has {target.numel()} tokens")
+    lp = torch.log_softmax(logits, dim=-1)  # [B, A, V]
+    picked = lp.gather(-1, target.view(1, -1, 1).expand(lp.shape[0], -1, 1)).squeeze(-1)  # [B, A]
+    tgt_logit = logits.gather(-1, target.view(1, -1, 1).expand(lp.shape[0], -1, 1))  # [B, A, 1]
+    ranks = (logits > tgt_logit).sum(-1)  # [B, A]
+    hit = logits.argmax(-1) == target.view(1, -1)  # [B, A]
+    spans = list(items) or [(0, target.numel())]
+    out = []
+    for r in range(logits.shape[0]):
+        out.append(
+            AnswerScore(
+                bool(hit[r].all()),
+                float(picked[r].double().sum()),
+                tuple(float(x) for x in picked[r]),
+                tuple(int(x) for x in ranks[r]),
+                tuple(bool(hit[r, a:b].all()) for a, b in spans),
+            )
+        )
+    return out
+
+
+def greedy_exact(
+    model: Any, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, rows: int
+) -> list[tuple[bool, list[int]]]:
+    """Greedy decoding check: per row, whether the first ``A`` greedy tokens are exactly ``answer_ids`` and
+    the tokens generated (decoding stops at ``A`` tokens)."""
+    ids = prompt_ids.reshape(1, -1).to(next(model.parameters()).device).expand(rows, -1)
+    new = greedy_decode(model, ids, answer_ids.numel(), tokenizer=None, stop_after_number=False)  # [rows, A]
+    target = answer_ids.reshape(1, -1).to(new.device)
+    return [(bool(torch.equal(new[r], target[0])), new[r].tolist()) for r in range(rows)]
+
+
+def _mean_interval(values: Sequence[float], seed: int, level: float = 0.95, n_boot: int = 2000) -> tuple:
+    """Mean and its percentile-bootstrap interval over trials (``None`` bounds for fewer than 2 values)."""
+    import numpy as np
+
+    from posheads.eval.intervals import bootstrap_indices, percentile_interval
+
+    arr = np.asarray(values, dtype=np.float64)
+    mean = float(arr.mean()) if arr.size else float("nan")
+    if arr.size < 2:
+        return mean, None, None
+    idx = bootstrap_indices(arr.size, n_boot, seed)  # [n_boot, n]
+    lo, hi = percentile_interval(arr[idx].mean(axis=1), level)
+    return mean, lo, hi
+
+
+def suite_row(
+    task: str,
+    condition: str,
+    cell: tuple[int, float | None, int | None],
+    scores: Sequence[AnswerScore],
+    greedy: Sequence[bool] | None = None,
+) -> dict[str, Any]:
+    """One row of ``results.json["retrieval"]``: accuracy with its Wilson interval, the mean answer
+    log-probability (and per token) with a bootstrap interval over trials, mean rank, per-item accuracy."""
+    from posheads.eval.intervals import wilson_interval
+
+    length, depth, difficulty = cell
+    n = len(scores)
+    correct = sum(s.exact for s in scores)
+    lo, hi = wilson_interval(correct, n)
+    seed = derive_seed_for_row(task, condition, length, depth, difficulty)
+    lp, lp_lo, lp_hi = _mean_interval([s.logprob for s in scores], seed)
+    per_tok = [s.logprob / max(1, len(s.token_logprobs)) for s in scores]
+    items = sum(len(s.items) for s in scores)
+    items_ok = sum(sum(s.items) for s in scores)
+    ilo, ihi = wilson_interval(items_ok, items) if items else (None, None)
+    row = {
+        "task": task,
+        "condition": condition,
+        "length": length,
+        "depth": depth,
+        "difficulty": difficulty,
+        "trials": n,
+        "correct": correct,
+        "accuracy": correct / n if n else float("nan"),
+        "accuracy_ci": [lo, hi],
+        "logprob": lp,
+        "logprob_ci": [lp_lo, lp_hi],
+        "token_logprob": sum(per_tok) / n if n else float("nan"),
+        "mean_rank": sum(sum(s.ranks) / len(s.ranks) for s in scores) / n if n else float("nan"),
+        "items": items,
+        "items_correct": items_ok,
+        "item_accuracy": items_ok / items if items else float("nan"),
+        "item_accuracy_ci": [ilo, ihi],
+        "scoring": "teacher_forced",
+    }
+    if greedy is not None:
+        row["greedy_correct"] = int(sum(greedy))
+        row["greedy_agrees"] = int(sum(g == s.exact for g, s in zip(greedy, scores)))
+    return row
+
+
+def derive_seed_for_row(*parts: Any) -> int:
+    from posheads.data.retrieval import derive_seed
+
+    return derive_seed("bootstrap", *parts) % (2**32)
+
+
+@torch.inference_mode()
+def evaluate_suite(
+    model: Any,
+    prompts: Sequence[Any],
+    *,
+    runner: ConditionRunner | None = None,
+    conditions: Sequence[Condition] | None = None,
+    scoring: str = "teacher_forced",
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Teacher-forced scores of suite prompts (:class:`posheads.data.tasks.TaskPrompt`) under each condition.
+
+    Prompts are grouped by ``(task, length, depth, difficulty)``; for each cell and group of conditions one
+    forward per prompt scores every condition (rows = conditions; layers before the group's first ablated
+    layer shared when the runner has a prefix). ``scoring="both"`` also decodes greedily and records the
+    agreement (``greedy_agrees``); ``"greedy"`` uses greedy exact match as the accuracy (log-probabilities
+    still teacher-forced).
+    """
+    if scoring not in SCORINGS:
+        raise ValueError(f"scoring={scoring!r} is not one of {list(SCORINGS)}")
+    runner = runner or ConditionRunner(model, [NONE])
+    cells: dict[tuple[str, int, Any, Any], list[Any]] = {}
+    for p in prompts:
+        cells.setdefault((p.task, p.length, p.depth, p.difficulty), []).append(p)
+    rows: list[dict[str, Any]] = []
+    for (task, length, depth, difficulty), cell in cells.items():
+        for group in runner.groups(length + 16, conditions):
+            scores: list[list[AnswerScore]] = [[] for _ in group]
+            greedy: list[list[bool]] = [[] for _ in group]
+            names = ",".join(c.name for c in group)
+            level = f"d={depth:g}" if depth is not None else f"k={difficulty}"
+            bar = tqdm(
+                cell,
+                desc=f"{task} L={length} {level} [{names}]",
+                unit="trial",
+                disable=not progress,
+                leave=False,
+            )
+            for prompt in bar:
+
+                def fn(n: int, prompt: Any = prompt) -> list[AnswerScore]:
+                    logits = teacher_forced_logits(model, prompt.input_ids, prompt.answer_ids, n)
+                    return score_answers(logits, prompt.answer_ids, prompt.items)
+
+                got = runner.call(group, fn)
+                checks: list[Any] = [None] * len(group)
+                if scoring != "teacher_forced":
+
+                    def gfn(n: int, prompt: Any = prompt) -> list[tuple[bool, list[int]]]:
+                        return greedy_exact(model, prompt.input_ids, prompt.answer_ids, n)
+
+                    checks = runner.call(group, gfn, broadcast=False)
+                for i, (cond, s) in enumerate(zip(group, got)):
+                    if scoring == "greedy":
+                        s = dataclasses.replace(s, exact=checks[i][0])
+                    scores[i].append(s)
+                    if checks[i] is not None:
+                        greedy[i].append(checks[i][0])
+                    if on_trial is not None:
+                        rec = {
+                            "task": task,
+                            "condition": cond.name,
+                            "length": length,
+                            "depth": depth,
+                            "difficulty": difficulty,
+                            "actual_depth": prompt.actual_depth,
+                            "seed": prompt.seed,
+                            "answer": prompt.answer,
+                            "correct": s.exact,
+                            "logprob": s.logprob,
+                            "ranks": list(s.ranks),
+                            "items": list(s.items),
+                        }
+                        if checks[i] is not None:
+                            rec["greedy_correct"] = checks[i][0]
+                            rec["greedy_tokens"] = checks[i][1]
+                        on_trial(rec)
+            for i, cond in enumerate(group):
+                row = suite_row(
+                    task,
+                    cond.name,
+                    (length, depth, difficulty),
+                    scores[i],
+                    greedy[i] if scoring != "teacher_forced" else None,
+                )
+                if scoring == "greedy":
+                    row["scoring"] = "greedy"
                 rows.append(row)
                 if on_row is not None:
                     on_row(row)

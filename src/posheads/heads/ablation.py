@@ -36,8 +36,10 @@ __all__ = [
     "ablate",
     "ablate_dimensions",
     "ablate_heads",
+    "decoder_layers",
     "head_mask",
     "head_means",
+    "shared_prefix",
 ]
 
 ABLATION_MODES = ("zero", "mean")
@@ -301,3 +303,92 @@ def head_means(
         for handle in handles:
             handle.remove()
     return (sums / count.clamp(min=1)).float()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Shared prefix: layers before the first ablated one run once for a group of conditions
+# --------------------------------------------------------------------------------------------------------
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers of a (possibly peft-wrapped) model, in order: the parents of its attention modules."""
+    attn = attention_modules(model)
+    wanted = {id(m): idx for idx, m in attn.items()}
+    found: dict[int, nn.Module] = {}
+    for module in model.modules():
+        for child in module.children():
+            if id(child) in wanted and module is not child:
+                found[wanted[id(child)]] = module
+    if sorted(found) != sorted(attn):
+        raise ValueError(
+            f"could not find the decoder layer of every attention module of {type(model).__name__}"
+        )
+    return [found[i] for i in sorted(found)]
+
+
+def _final_norm(model: nn.Module, layers: list[nn.Module]) -> nn.Module:
+    """The module applied to the last layer's output (the decoder's final norm)."""
+    for module in model.modules():
+        norm = getattr(module, "norm", None)
+        inner = getattr(module, "layers", None)
+        if (
+            isinstance(norm, nn.Module)
+            and isinstance(inner, nn.ModuleList)
+            and len(inner)
+            and inner[-1] is layers[-1]
+        ):
+            return norm
+    raise ValueError(f"could not find the final norm of {type(model).__name__}")
+
+
+@contextmanager
+def shared_prefix(model: nn.Module, first_layer: int) -> Iterator[None]:
+    """Run the layers before ``first_layer`` on one row and broadcast their output to every row of the batch.
+
+    Inside the block, a forward whose input rows are all the same sequence (``input_ids`` of shape
+    ``[n, T]`` with identical rows -- one row per ablation condition) embeds and runs layers
+    ``0 .. first_layer - 1`` for the first row only; the hidden states entering layer ``first_layer`` (or the final
+    norm when ``first_layer`` is the number of layers) are repeated to ``n`` rows. This is exact when no row
+    changes anything before ``first_layer`` (the conditions ablate nothing there): those layers compute the same
+    function of the same input for every row. Forwards with differing rows (e.g. decoding steps) are refused.
+    """
+    layers = decoder_layers(model)
+    if not 0 <= first_layer <= len(layers):
+        raise ValueError(f"first_layer={first_layer!r} must be in 0..{len(layers)}")
+    if first_layer == 0:
+        yield
+        return
+    target = layers[first_layer] if first_layer < len(layers) else _final_norm(model, layers)
+    embed = model.get_input_embeddings()
+    state: dict[str, int] = {"rows": 0}
+
+    def squeeze(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        ids = args[0]  # [n, T]
+        state["rows"] = int(ids.shape[0])
+        if ids.shape[0] > 1:
+            if not bool((ids == ids[:1]).all()):
+                raise ValueError(
+                    "shared_prefix: the rows of the forward differ; it needs one sequence per row"
+                )
+            ids = ids[:1]
+        return (ids, *args[1:])
+
+    def expand(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        rows = state["rows"]
+        if args:
+            hidden = args[0]
+            if hidden.shape[0] == 1 and rows > 1:
+                args = (hidden.expand(rows, *hidden.shape[1:]).contiguous(), *args[1:])
+        else:
+            hidden = kwargs["hidden_states"]
+            if hidden.shape[0] == 1 and rows > 1:
+                kwargs = {**kwargs, "hidden_states": hidden.expand(rows, *hidden.shape[1:]).contiguous()}
+        return args, kwargs
+
+    h1 = embed.register_forward_pre_hook(squeeze)
+    h2 = target.register_forward_pre_hook(expand, with_kwargs=True)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
