@@ -359,7 +359,7 @@ def shared_prefix(model: nn.Module, first_layer: int) -> Iterator[None]:
         yield
         return
     target = layers[first_layer] if first_layer < len(layers) else _final_norm(model, layers)
-    embed = model.get_input_embeddings()
+    embed: nn.Module = model.get_input_embeddings()  # type: ignore[operator]
     state: dict[str, int] = {"rows": 0}
 
     def squeeze(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
