@@ -83,6 +83,10 @@ def brute_force(rec, rows: torch.Tensor, am: torch.Tensor, num_bins: int, plan: 
                         out.dom_null[w_index, layer, h].index_add_(0, bins_null, wt[:, None] * onehot)
                         out.g[w_index, layer, h].index_add_(0, bins, wt[:, None] * g[h])
                         out.pp[w_index, layer, h].index_add_(0, bins, wt[:, None] * p[h].square())
+                        abs_g = torch.stack(
+                            [torch.zeros_like(wt), torch.zeros_like(wt), g[h].abs().sum(-1)], -1
+                        )
+                        out.content[w_index, layer, h].index_add_(0, bins, wt[:, None] * abs_g)  # no content
                         tp = (wt * terms)[:, :, None] * p[h][None]  # [5, n, P]
                         out.p[w_index, layer, h].index_add_(0, bins, tp.permute(1, 0, 2))
                         feats = torch.cat(

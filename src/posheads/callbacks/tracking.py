@@ -191,7 +191,7 @@ class PositionalHeadTracker(Callback):
         self.probe: ProbeSet | None = None
         self.last_analysis: HeadAnalysis | None = None
         self._ppl_mode: str | None = None
-        self._i_c: int | None = None
+        self._i_c: int | list[int] | None = None
         self._table_heads: list[tuple[int, int]] | None = None
         self._tracked: list[tuple[int, int]] | None = None
         self._step0: list[tuple[int, int]] | None = None
@@ -319,8 +319,10 @@ class PositionalHeadTracker(Callback):
         first: Any = next(iter(modules.values()))
         cfg = first.config
         num_layers, num_heads = max(modules) + 1, int(cfg.num_attention_heads)
-        head_dim = int(getattr(first, "head_dim", 0) or cfg.hidden_size // cfg.num_attention_heads)
-        self.heads.validate_for(num_layers, num_heads, head_dim)
+        from posheads.rope.layout import model_rope
+
+        rope = model_rope(model)  # derived from the config and verified on the model (all ranks run it)
+        self.heads.validate_for(num_layers, num_heads, 2 * rope.num_pairs)
         original = self.heads.original_context
         if original is None and hasattr(pl_module, "original_length"):
             original = int(cast(Any, pl_module).original_length)

@@ -83,14 +83,14 @@ def condition_masks(
     return masks
 
 
-def ablation_apply(mode: str, i_c: int | None, means: torch.Tensor | None, layout: str = "half"):
+def ablation_apply(mode: str, i_c: int | list[int] | None, means: torch.Tensor | None, layout: str = "auto"):
     """``apply(model, group)`` for a :class:`~posheads.eval.conditions.ConditionRunner`.
 
     Args:
         mode: ``"zero"`` or ``"mean"``: the head ablation of conditions that carry no ``ablation`` of their own.
         i_c: the critical pair of the dimension conditions (``None`` when there are none).
         means: mean head outputs, needed when a condition uses ``ablation="mean"``.
-        layout: RoPE pair layout (``"half"`` for Hugging Face models).
+        layout: RoPE pair layout (``"auto"``: the model's verified RoPE description).
     """
     from posheads.eval.sweep import ModelShape
     from posheads.heads import ablate_dimensions, ablate_heads

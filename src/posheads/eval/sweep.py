@@ -88,8 +88,9 @@ HEAD_ROW_KEYS = ("layer", "head", "score", "z", "positional")
 
 @dataclass(frozen=True)
 class ModelShape:
-    """What the sweep needs to know about a model: attention layers, heads per layer, head width, and the
-    longest input its (scaled) RoPE was configured for."""
+    """What the sweep needs to know about a model: attention layers, heads per layer, rotary width (``head_dim``:
+    twice the RoPE pairs; pass-through components excluded), and the longest input its (scaled) RoPE was
+    configured for."""
 
     num_layers: int
     num_heads: int
@@ -108,6 +109,15 @@ class ModelShape:
             from posheads.rope import base_rope_theta, original_context_length
 
             theta, original = base_rope_theta(text), original_context_length(text)
+        except (ValueError, AttributeError, KeyError):
+            pass
+        try:  # the rotary width: RoPE pairs only (partial rotary, MLA), never pass-through components
+            from posheads.rope.layout import describe_rope
+
+            rope = describe_rope(text)
+            head_dim = 2 * rope.num_pairs
+            if len({layer.rope_theta for layer in rope.layers}) > 1:
+                theta = None  # per-layer-type theta (Gemma 3): one i_c per layer, not a sweep-wide one
         except (ValueError, AttributeError, KeyError):
             pass
         return cls(
@@ -186,7 +196,8 @@ def resolve_critical_pair(value: int | str, shape: ModelShape, auto_rule: int | 
     if value == "critical":
         if shape.rope_theta is None or shape.original_context is None:
             raise ValueError(
-                "sweep.critical_pair='critical' needs the model's rope_theta and pre-training context"
+                "sweep.critical_pair='critical' needs one rope_theta and the pre-training context of the model "
+                "(per-layer-type RoPE such as Gemma 3 has one i_c per layer: give sweep.critical_pair as an int)"
             )
         from posheads.rope import critical_pair
 

@@ -1,17 +1,21 @@
 """Ablation operators: whole heads (zero / mean) and RoPE pairs inside heads, as composable context managers.
 
-* **Head ablation** replaces a head's slice of the input of ``o_proj`` (the head's attention output, before the
-  output projection mixes heads) by zeros or by the head's mean output over a reference set
+* **Head ablation** replaces a head's slice of the input of the output projection (``o_proj``, ``dense``,
+  ``out_proj``: found by structure, :func:`posheads.heads.capture.output_projection`; the slice is the head's
+  attention output, ``v_head_dim`` wide for MLA, before the output projection mixes heads) by zeros or by the head's mean output over a reference set
   (:func:`head_means`). A forward pre-hook on ``o_proj`` works with every attention implementation (eager,
   SDPA, flash, flex), with GQA (the slice belongs to one *query* head), and with peft-wrapped ``o_proj``.
 * **Dimension ablation** removes RoPE pairs ``i >= i_c`` (``side="high"``) or ``i < i_c`` (``"low"``) from
   chosen heads' attention logits, in the spirit of the dimension-level analysis of Hong et al.
   (arXiv 2410.08703). Through the attention-interface hook of :mod:`posheads.heads.capture` the post-RoPE query
   components of those pairs are set to zero before the real attention runs. This equals removing the pairs
-  from the logits: the logit is ``q~ . k~ / sqrt(d) = sum_i g_i / sqrt(d)`` with
-  ``g_i = q~[i] k~[i] + q~[i + d/2] k~[i + d/2]``, so zeroing ``q~[i]`` and ``q~[i + d/2]`` sets exactly
-  ``g_i = 0`` for every key and leaves every other ``g_j`` unchanged. The keys and values are untouched, so
-  other query heads sharing the key head (GQA) are not affected.
+  from the logits: the logit is ``scaling * (sum_i g_i + c)`` with ``g_i = q~[a_i] k~[a_i] + q~[b_i] k~[b_i]``
+  and ``c`` the pass-through ("content") contribution, so zeroing ``q~[a_i]`` and ``q~[b_i]`` sets exactly
+  ``g_i = 0`` for every key and leaves every other ``g_j`` and ``c`` unchanged. Where the pairs are (layout,
+  rotary width, MLA offset, per layer) comes from the verified description of
+  :func:`posheads.rope.layout.model_rope`; pass-through components are never removed. ``i_c`` may differ per
+  layer (per-layer-type RoPE, Gemma 3). The keys and values are untouched, so other query heads sharing the
+  key head (GQA) are not affected.
 
 Masks: every operator takes the heads as a list of ``(layer, head)``, a boolean ``[layers, heads]`` mask, or a
 per-row boolean ``[batch, layers, heads]`` mask, so that one batched forward can evaluate several conditions
@@ -28,7 +32,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from posheads.heads.capture import AttentionCall, attention_hooks, attention_modules, to_half_layout
+from posheads.heads.capture import (
+    AttentionCall,
+    attention_hooks,
+    attention_modules,
+    head_output_width,
+    output_projection,
+)
 
 __all__ = [
     "ABLATION_MODES",
@@ -49,11 +59,15 @@ HeadSpec = torch.Tensor | Sequence[tuple[int, int]] | None
 
 
 def _shape(model: nn.Module) -> tuple[int, int, int]:
+    """``(layers, heads, per-head width of the output projection's input)``."""
     modules = attention_modules(model)
     first = next(iter(modules.values()))
-    cfg = first.config
-    head_dim = int(getattr(first, "head_dim", 0) or cfg.hidden_size // cfg.num_attention_heads)
-    return max(modules) + 1, int(cfg.num_attention_heads), head_dim
+    widths = {head_output_width(m) for m in modules.values()}
+    if len(widths) != 1:
+        raise ValueError(
+            f"the output projections of {type(model).__name__} have different head widths {widths}"
+        )
+    return max(modules) + 1, int(first.config.num_attention_heads), widths.pop()
 
 
 def head_mask(heads: HeadSpec, num_layers: int, num_heads: int) -> torch.Tensor | None:
@@ -102,7 +116,7 @@ def _layer_rows(mask: torch.Tensor, layer: int, batch: int, device: Any) -> torc
 def ablate_heads(
     model: nn.Module, heads: HeadSpec, mode: str = "zero", means: torch.Tensor | None = None
 ) -> Iterator[torch.Tensor | None]:
-    """Zero- or mean-ablate heads through a forward pre-hook on each affected layer's ``o_proj``.
+    """Zero- or mean-ablate heads through a forward pre-hook on each affected layer's output projection.
 
     Args:
         heads: ``[(layer, head)]``, a ``[L, H]`` mask or a per-row ``[B, L, H]`` mask.
@@ -131,7 +145,7 @@ def ablate_heads(
     try:
         for layer in layers:
             handles.append(
-                modules[layer].o_proj.register_forward_pre_hook(
+                output_projection(modules[layer]).register_forward_pre_hook(  # type: ignore[union-attr]
                     _HeadHook(mask, layer, n_heads, head_dim, mode, means)
                 )
             )
@@ -180,12 +194,11 @@ class _DimensionHook:
         return torch.where(drop, torch.zeros((), dtype=q.dtype, device=q.device), q)
 
 
-def _kept_components(
-    head_dim: int, i_c: int, side: str, layout: str, pairs: Sequence[int] | None = None
-) -> torch.Tensor:
-    """``[d]`` bool: which query components survive removing pairs ``>= i_c`` (``high``) or ``< i_c`` (``low``),
-    or exactly the pairs ``pairs`` when given."""
-    n_pairs = head_dim // 2
+def _kept_components(rope: Any, i_c: int, side: str, pairs: Sequence[int] | None = None) -> torch.Tensor:
+    """``[head_dim]`` bool: which query components of a layer (``rope``: its
+    :class:`~posheads.rope.layout.LayerRope`) survive removing its RoPE pairs ``>= i_c`` (``high``) or
+    ``< i_c`` (``low``), or exactly the pairs ``pairs`` when given; pass-through components always survive."""
+    n_pairs = rope.num_pairs
     pair = torch.arange(n_pairs)
     if pairs is not None:
         bad = [p for p in pairs if not 0 <= int(p) < n_pairs]
@@ -195,47 +208,73 @@ def _kept_components(
         removed[[int(p) for p in pairs]] = True
     else:
         removed = pair >= i_c if side == "high" else pair < i_c  # [P]
-    half = torch.cat([removed, removed])  # rotate-half: pair i is components i and i + P
-    if layout == "half":
-        return ~half
-    keep = torch.empty(head_dim, dtype=torch.bool)
-    keep[0::2] = ~removed
-    keep[1::2] = ~removed  # interleaved: pair i is components 2i, 2i+1
-    # round trip through the half layout used everywhere else
-    assert torch.equal(to_half_layout(keep.float().view(1, -1), "interleaved").bool().view(-1), ~half)
+    a, b = rope.pair_components()
+    keep = torch.ones(rope.head_dim, dtype=torch.bool)
+    keep[a[removed]] = False
+    keep[b[removed]] = False
     return keep
+
+
+def per_layer_critical(i_c: Any, num_layers: int, num_pairs: int) -> list[int]:
+    """``i_c`` (an int, or one int per layer) as a list of one pair index per layer, checked."""
+    values = [i_c] * num_layers if isinstance(i_c, int) and not isinstance(i_c, bool) else list(i_c)
+    if len(values) != num_layers:
+        raise ValueError(f"i_c has {len(values)} entries, the model has {num_layers} layers")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= num_pairs:
+            raise ValueError(f"i_c={i_c!r} must be in 0..{num_pairs} (the RoPE pairs of a head)")
+    return values
+
+
+def _check_layout(layout: str | None, rope: Any) -> None:
+    if layout in (None, "auto"):
+        return
+    if layout not in ("half", "interleaved"):
+        raise ValueError(f"layout={layout!r} is not one of ['auto', 'half', 'interleaved']")
+    if rope.layouts() != {layout}:
+        raise ValueError(
+            f"layout={layout!r} disagrees with the verified RoPE of model_type={rope.model_type!r} "
+            f"(layout {sorted(rope.layouts())}); use layout='auto'"
+        )
 
 
 @contextmanager
 def ablate_dimensions(
     model: nn.Module,
     heads: HeadSpec,
-    i_c: int,
+    i_c: Any,
     side: str = "high",
-    layout: str = "half",
+    layout: str | None = "auto",
     pairs: Sequence[int] | None = None,
 ) -> Iterator[torch.Tensor | None]:
     """Remove RoPE pairs ``>= i_c`` (``side="high"``) or ``< i_c`` (``"low"``) from the chosen heads' logits.
 
     Args:
         heads: ``[(layer, head)]``, a ``[L, H]`` mask or a per-row ``[B, L, H]`` mask.
-        i_c: the critical pair (see :func:`posheads.heads.hda.resolve_critical_pair`).
+        i_c: the critical pair (see :func:`posheads.heads.hda.resolve_critical_pair`), or one per layer.
         side: ``"high"`` or ``"low"``.
-        layout: ``"half"`` (rotate-half, Hugging Face) or ``"interleaved"``.
+        layout: ``"auto"`` (the verified description of the model, :func:`posheads.rope.layout.model_rope`);
+            ``"half"`` / ``"interleaved"`` are accepted only when they agree with it.
         pairs: remove exactly these pairs instead (e.g. equal numbers on both sides of ``i_c``).
     """
     if side not in DIMENSION_SIDES:
         raise ValueError(f"dimension side={side!r} is not one of {list(DIMENSION_SIDES)}")
-    n_layers, n_heads, head_dim = _shape(model)
-    if not 0 <= i_c <= head_dim // 2:
-        raise ValueError(f"i_c={i_c!r} must be in 0..{head_dim // 2}")
+    from posheads.rope.layout import model_rope
+
+    modules = attention_modules(model)
+    n_layers, n_heads = max(modules) + 1, int(next(iter(modules.values())).config.num_attention_heads)
     mask = head_mask(heads, n_layers, n_heads)
+    rope = model_rope(model)
+    _check_layout(layout, rope)
+    critical = per_layer_critical(i_c, n_layers, rope.num_pairs)
     if mask is None:
         yield None
         return
-    keep = _kept_components(head_dim, i_c, side, layout, pairs)
     layers = _ablated_layers(mask)
-    hooks = {layer: _DimensionHook(mask, layer, keep) for layer in layers}
+    hooks = {
+        layer: _DimensionHook(mask, layer, _kept_components(rope[layer], critical[layer], side, pairs))
+        for layer in layers
+    }
     with attention_hooks(model, hooks):
         yield mask
 
@@ -250,7 +289,7 @@ def ablate(
     dimension_heads: HeadSpec = None,
     i_c: int | None = None,
     side: str = "high",
-    layout: str = "half",
+    layout: str | None = "auto",
 ) -> Iterator[None]:
     """Head ablation and dimension ablation together (either may be ``None``)."""
     with ExitStack() as stack:
@@ -271,7 +310,7 @@ def head_means(
 ) -> torch.Tensor:
     """Mean output of every head over the (non-padding) tokens of a reference set: ``[L, H, head_dim]``.
 
-    The "output" is the head's slice of the input of ``o_proj``, the quantity head ablation replaces.
+    The "output" is the head's slice of the input of the output projection, the quantity head ablation replaces.
     """
     n_layers, n_heads, head_dim = _shape(model)
     modules = attention_modules(model)
@@ -291,7 +330,10 @@ def head_means(
 
         return hook
 
-    handles = [modules[layer].o_proj.register_forward_pre_hook(recorder(layer)) for layer in modules]
+    handles = [
+        output_projection(modules[layer]).register_forward_pre_hook(recorder(layer))  # type: ignore[union-attr]
+        for layer in modules
+    ]
     try:
         for start in range(0, sequences.shape[0], batch_size):
             ids = sequences[start : start + batch_size].to(device)

@@ -18,7 +18,13 @@ duration of a ``with`` block and restores it (and removes the hooks) on exit, ev
 query seen by the next hook and by the real attention.
 
 Pair layout: Hugging Face's rotate-half convention pairs component ``i`` with ``i + d/2``
-(:func:`pair_contributions`); interleaved checkpoints pair ``2i, 2i+1`` (``layout="interleaved"``).
+(:func:`pair_contributions`); interleaved checkpoints pair ``2i, 2i+1`` (``layout="interleaved"``). Partial-rotary
+and MLA models have pass-through components besides the pairs: :mod:`posheads.rope.layout` describes (and
+verifies) where the pairs of every layer are, and :func:`pair_contributions` accepts that description.
+
+Attention modules are found by structure: a submodule with an integer ``layer_idx``, a ``config`` and an output
+projection (:func:`output_projection`: the linear layer that maps the concatenated head outputs back to the
+hidden size -- ``o_proj``, ``dense``, ``out_proj``, ... whatever its name).
 """
 
 from __future__ import annotations
@@ -44,6 +50,9 @@ __all__ = [
     "attention_modules",
     "attention_hooks",
     "capture_qk",
+    "content_contribution",
+    "head_output_width",
+    "output_projection",
     "pair_contributions",
     "to_half_layout",
 ]
@@ -70,7 +79,10 @@ class AttentionCall:
         key: post-RoPE keys ``[B, H_kv, Lk, d]`` (GQA: query head ``h`` reads key head ``h // (H / H_kv)``).
         attention_mask: ``None`` (pure causal), a boolean ``[B, 1, Lq, Lk]`` mask (True = may attend) or an
             additive float mask (0 = may attend), whichever the implementation's mask function built.
-        scaling: the logit scale (``1/sqrt(d)`` for Llama).
+        scaling: the logit scale (``1/sqrt(d)`` for Llama, ``query_pre_attn_scalar ** -0.5`` for Gemma 2/3,
+            ``attention_multiplier`` for Granite, the YaRN ``mscale`` for DeepSeek).
+        softcap: the ``tanh`` logit soft-cap the model passes (Gemma 2), ``None`` if none.
+        sinks: the per-head attention-sink logits the model passes (``s_aux``), ``None`` if none.
     """
 
     layer_idx: int
@@ -78,6 +90,14 @@ class AttentionCall:
     key: torch.Tensor
     attention_mask: torch.Tensor | None
     scaling: float
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+
+    def cap(self, logits: torch.Tensor) -> torch.Tensor:
+        """Apply the model's soft-cap to scaled logits ``q . k * scaling`` (identity without one)."""
+        if self.softcap is None:
+            return logits
+        return torch.tanh(logits / self.softcap) * self.softcap
 
     @property
     def num_key_value_groups(self) -> int:
@@ -191,8 +211,11 @@ def _make_wrapper(base: str) -> Callable[..., Any]:
             if scaling is None:
                 scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
             layer_idx = int(getattr(module, "layer_idx", -1))
+            softcap = kwargs.get("softcap")
+            softcap = float(softcap) if softcap else None
+            sinks = kwargs.get("s_aux")
             for hook in list(hooks):
-                call = AttentionCall(layer_idx, query, key, attention_mask, float(scaling))
+                call = AttentionCall(layer_idx, query, key, attention_mask, float(scaling), softcap, sinks)
                 replaced = hook(module, call)
                 if replaced is not None:
                     if replaced.shape != query.shape:
@@ -230,21 +253,65 @@ def _base_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
+def _features(layer: nn.Module) -> tuple[int, int] | None:
+    """``(in_features, out_features)`` of a linear layer (also a peft-wrapped one), else ``None``."""
+    base = getattr(layer, "base_layer", layer)
+    fin, fout = getattr(base, "in_features", None), getattr(base, "out_features", None)
+    if (
+        isinstance(fin, int)
+        and isinstance(fout, int)
+        and isinstance(getattr(base, "weight", None), torch.Tensor)
+    ):
+        return fin, fout
+    return None
+
+
+def output_projection(module: nn.Module) -> nn.Module | None:
+    """The output projection of an attention module, found by structure: among its direct children that are
+    linear layers mapping ``num_attention_heads * w`` features (``w`` = a per-head width) to
+    ``hidden_size``, the last one registered (Transformers defines the output projection after the q/k/v
+    projections: Llama ``o_proj``, GPT-NeoX / Persimmon / Phi ``dense``, GPT-J ``out_proj``). ``None`` if none.
+    """
+    cfg = getattr(module, "config", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    heads = getattr(cfg, "num_attention_heads", None)
+    if not isinstance(hidden, int) or not isinstance(heads, int):
+        return None
+    found = None
+    for child in module.children():
+        feats = _features(child)
+        if feats is not None and feats[1] == hidden and feats[0] % heads == 0:
+            found = child
+    return found
+
+
+def head_output_width(module: nn.Module) -> int:
+    """Per-head width of the input of the output projection (the value head width; ``v_head_dim`` for MLA)."""
+    proj = output_projection(module)
+    feats = None if proj is None else _features(proj)
+    if feats is None:
+        raise ValueError(f"{type(module).__name__} has no output projection")
+    return feats[0] // int(module.config.num_attention_heads)
+
+
 def attention_modules(model: nn.Module) -> dict[int, Any]:
     """``{layer_idx: attention module}`` of a (possibly peft-wrapped) decoder model.
 
-    An attention module is any submodule with an integer ``layer_idx``, a ``config`` and an ``o_proj``
-    (Llama, Mistral, Qwen2/3, SmolLM, Gemma, Phi-3 ...).
+    An attention module is any submodule with an integer ``layer_idx``, a ``config`` and an output projection
+    (:func:`output_projection`), whatever the projection is called.
     """
     found: dict[int, nn.Module] = {}
     for module in _base_model(model).modules():
         idx = getattr(module, "layer_idx", None)
-        if isinstance(idx, int) and hasattr(module, "config") and hasattr(module, "o_proj"):
+        if isinstance(idx, int) and hasattr(module, "config") and output_projection(module) is not None:
             if idx in found and found[idx] is not module:
                 raise ValueError(f"two attention modules claim layer_idx={idx}")
             found[idx] = module
     if not found:
-        raise ValueError(f"{type(model).__name__} has no attention modules with `layer_idx` and `o_proj`")
+        raise ValueError(
+            f"{type(model).__name__} has no attention modules (a module with `layer_idx`, a config and an "
+            "output projection to hidden_size)"
+        )
     return dict(sorted(found.items()))
 
 
@@ -326,8 +393,15 @@ def attention_hooks(
 # -------------------------------------------------------------------------------------------- recording
 
 
-def to_half_layout(x: torch.Tensor, layout: str = "half") -> torch.Tensor:
-    """Reorder the last dim so that pair ``i`` is components ``(i, i + d/2)`` (identity for ``"half"``)."""
+def to_half_layout(x: torch.Tensor, layout: Any = "half") -> torch.Tensor:
+    """Reorder the last dim so that pair ``i`` is components ``(i, i + P)`` (identity for ``"half"``).
+
+    ``layout`` is ``"half"``, ``"interleaved"`` (the whole head is rotary) or a
+    :class:`posheads.rope.layout.LayerRope`, whose order puts the ``2P`` rotary components first (pairs
+    ``(i, i + P)``) and the pass-through components after them.
+    """
+    if not isinstance(layout, str):
+        return x.index_select(-1, layout.order().to(x.device))
     if layout == "half":
         return x
     if layout != "interleaved":
@@ -337,15 +411,23 @@ def to_half_layout(x: torch.Tensor, layout: str = "half") -> torch.Tensor:
     return x.index_select(-1, order)
 
 
-def pair_contributions(q: torch.Tensor, k: torch.Tensor, layout: str = "half") -> torch.Tensor:
-    """Per-pair logit contributions ``g_i = q~[i] k~[i] + q~[i + d/2] k~[i + d/2]`` (rotate-half layout).
+def pair_contributions(q: torch.Tensor, k: torch.Tensor, layout: Any = "half") -> torch.Tensor:
+    """Per-pair logit contributions ``g_i = q~[a_i] k~[a_i] + q~[b_i] k~[b_i]``.
 
-    ``q`` and ``k`` broadcast against each other with last dim ``d``; the result has last dim ``d/2`` and
-    ``g.sum(-1) == (q * k).sum(-1)``, the attention logit times ``sqrt(d)`` before masking.
+    ``q`` and ``k`` broadcast against each other with last dim ``d``. With a string layout the whole head is
+    rotary: the result has last dim ``d/2`` and ``g.sum(-1) == (q * k).sum(-1)``, the unscaled logit. With a
+    :class:`~posheads.rope.layout.LayerRope` the result has last dim ``P`` (its pairs) and
+    ``g.sum(-1) + content_contribution(q, k, rope) == (q * k).sum(-1)``.
     """
     q, k = to_half_layout(q, layout), to_half_layout(k, layout)
-    half = q.shape[-1] // 2
-    return q[..., :half] * k[..., :half] + q[..., half:] * k[..., half:]  # [..., d/2]
+    half = q.shape[-1] // 2 if isinstance(layout, str) else layout.num_pairs
+    return q[..., :half] * k[..., :half] + q[..., half : 2 * half] * k[..., half : 2 * half]  # [..., P]
+
+
+def content_contribution(q: torch.Tensor, k: torch.Tensor, rope: Any) -> torch.Tensor:
+    """The logit contribution of the pass-through (non-rotary) components of ``rope`` (a ``LayerRope``)."""
+    idx = rope.pass_components().to(q.device)
+    return (q.index_select(-1, idx) * k.index_select(-1, idx)).sum(-1)
 
 
 @dataclass
@@ -356,8 +438,12 @@ class QKRecorder:
     keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [B, H_kv, L, d]
     masks: dict[int, torch.Tensor | None] = field(default_factory=dict)
     scalings: dict[int, float] = field(default_factory=dict)
+    softcaps: dict[int, float | None] = field(default_factory=dict)
+    sinks: dict[int, bool] = field(default_factory=dict)
 
     def __call__(self, module: nn.Module, call: AttentionCall) -> None:
+        self.softcaps[call.layer_idx] = call.softcap
+        self.sinks[call.layer_idx] = call.sinks is not None
         self.queries[call.layer_idx] = call.query.detach().clone()
         self.keys[call.layer_idx] = call.key.detach().clone()
         self.masks[call.layer_idx] = (

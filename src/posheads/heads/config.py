@@ -39,7 +39,9 @@ class HeadsConfig:
         hda_variant: ``"hard"`` (dominant pair) or ``"soft"`` (pair shares).
         tau: HDA threshold of the extension.
         temperature: ``T`` in the pair shares ``p = softmax(g / T)``.
-        layout: RoPE pair layout, ``"half"`` (Hugging Face rotate-half) or ``"interleaved"``.
+        layout: RoPE pair layout: ``"auto"`` (default: the model's RoPE description, derived from its config and
+            verified on the model, :mod:`posheads.rope.layout`); ``"half"`` (rotate-half) or ``"interleaved"``
+            are accepted only when they agree with it.
         batch_size: sequences per forward pass.
         seed: seeds rows, key sampling and the permuted-position null.
         chunk_elements: memory bound of one statistics chunk (``heads x bins x rows x keys x pairs``).
@@ -60,7 +62,7 @@ class HeadsConfig:
     hda_variant: str = "hard"
     tau: float = 0.5
     temperature: float = 1.0
-    layout: str = "half"
+    layout: str = "auto"
     batch_size: int = 1
     seed: int = 0
     chunk_elements: int = 1 << 20
@@ -116,8 +118,8 @@ class HeadsConfig:
             raise ValueError(f"heads.tau={self.tau!r} must be in [0, 1]")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
             raise ValueError(f"heads.temperature={self.temperature!r} must be > 0")
-        if self.layout not in PAIR_LAYOUTS:
-            raise ValueError(f"heads.layout={self.layout!r} is not one of {list(PAIR_LAYOUTS)}")
+        if self.layout not in ("auto", *PAIR_LAYOUTS):
+            raise ValueError(f"heads.layout={self.layout!r} is not one of {['auto', *PAIR_LAYOUTS]}")
         if self.profile_head is not None:
             ph = tuple(self.profile_head)
             if len(ph) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in ph):
@@ -127,7 +129,8 @@ class HeadsConfig:
             self.profile_head = (int(ph[0]), int(ph[1]))
 
     def validate_for(self, num_layers: int, num_heads: int, head_dim: int) -> None:
-        """Check the model-dependent options (head indices, pair index) against a model's shape."""
+        """Check the model-dependent options (head indices, pair index) against a model's shape (``head_dim``:
+        the rotary width, twice the number of RoPE pairs)."""
         if self.profile_head is not None:
             layer, head = self.profile_head
             if not 0 <= layer < num_layers:

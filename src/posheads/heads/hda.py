@@ -9,8 +9,11 @@ section 2 makes it precise: for a head and a log2 distance bin ``b``,
 
 The critical pair ``i_c`` defaults to the critical dimension of the original context (Liu et al. 2023,
 "Scaling Laws of RoPE-based Extrapolation", arXiv 2310.05209): the first pair whose wavelength exceeds the
-pre-training context, from :func:`posheads.rope.critical_pair`; alternatives are ``d/4`` (the upper half of
-the pairs) or a number.
+pre-training context, from :func:`posheads.rope.critical_pair` applied to the layer's rotary width and
+``theta``; alternatives are ``P/2`` (the upper half of the rotary pairs) or a number. Models whose layer
+types have different ``theta`` (Gemma 3 local / global layers) get one ``i_c`` per layer: every function
+here accepts ``i_c`` as an int or as one int per layer. Pass-through components of partial-rotary heads are
+no pairs and never count as "high".
 
 Summaries: the **extension** -- the largest bin with ``HDA >= tau`` (default 0.5), reported as a bin index
 and as that bin's largest distance in tokens -- and the **area** under the HDA curve over log2 distance,
@@ -51,7 +54,7 @@ def resolve_critical_pair(rule: str | int, head_dim: int, rope_theta: float, ori
             raise ValueError(f"critical={rule} must be a pair index in 0..{pairs}")
         return rule
     if rule == "quarter":
-        return head_dim // 4
+        return head_dim // 4  # half of the pairs
     if rule == "critical":
         from posheads.rope import critical_pair
 
@@ -59,29 +62,51 @@ def resolve_critical_pair(rule: str | int, head_dim: int, rope_theta: float, ori
     raise ValueError(f"critical={rule!r} is not one of {list(CRITICAL_RULES)} or an int")
 
 
-def critical_pair_for(config: Any, rule: str | int = "critical", original_context: int | None = None) -> int:
-    """``i_c`` of a Transformers config (or model): the pre-trained RoPE base and original context are read
-    through :mod:`posheads.rope` (so a scaled model still uses the context it was pre-trained on)."""
-    from posheads.rope import base_rope_theta, original_context_length, rope_head_dim
+def critical_pair_for(
+    config: Any, rule: str | int = "critical", original_context: int | None = None
+) -> int | list[int]:
+    """``i_c`` of a Transformers config (or model), from its RoPE description
+    (:func:`posheads.rope.layout.describe_rope`): each layer's rotary width and pre-trained ``theta``, and the
+    original context (recorded by a posheads scaling, so a scaled model still uses the context it was
+    pre-trained on). An int when every layer has the same, else one int per layer."""
+    from posheads.rope import original_context_length
+    from posheads.rope.layout import describe_rope
 
+    rope = describe_rope(config)
     config = getattr(config, "config", config)
-    head_dim = rope_head_dim(config)
-    context = original_context if original_context is not None else original_context_length(config)
-    return resolve_critical_pair(rule, head_dim, base_rope_theta(config), context)
+    if original_context is None:
+        try:
+            original_context = original_context_length(config)
+        except ValueError:  # per-layer-type rope_parameters or no rope_parameters (GPT-J)
+            text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+            original_context = int(text.max_position_embeddings)
+    values = [
+        resolve_critical_pair(rule, layer.rotary_dim, layer.rope_theta, original_context)
+        for layer in rope.layers
+    ]
+    return values[0] if len(set(values)) == 1 else values
 
 
-def hda_curves(stats: PairStats, i_c: int, variant: str = "hard", weighted: bool = True) -> torch.Tensor:
-    """``HDA [num_layers, num_heads, num_bins]`` (NaN where a bin holds no mass)."""
+def _high_mask(i_c: Any, num_layers: int, num_pairs: int) -> torch.Tensor:
+    """``[NL, 1, 1, P]`` bool: pairs ``>= i_c`` of each layer."""
+    from posheads.heads.ablation import per_layer_critical
+
+    values = torch.tensor(per_layer_critical(i_c, num_layers, num_pairs))
+    return (torch.arange(num_pairs).view(1, -1) >= values.view(-1, 1)).view(num_layers, 1, 1, num_pairs)
+
+
+def hda_curves(stats: PairStats, i_c: Any, variant: str = "hard", weighted: bool = True) -> torch.Tensor:
+    """``HDA [num_layers, num_heads, num_bins]`` (NaN where a bin holds no mass); ``i_c`` an int or one per
+    layer."""
     if variant not in HDA_VARIANTS:
         raise ValueError(f"hda_variant={variant!r} is not one of {list(HDA_VARIANTS)}")
-    if not 0 <= i_c <= stats.num_pairs:
-        raise ValueError(f"i_c={i_c!r} must be in 0..{stats.num_pairs}")
+    high = _high_mask(i_c, stats.num_layers, stats.num_pairs).to(stats.dom.device)
     w = 1 if weighted else 0
     if variant == "hard":
         hist = stats.dom[w]  # [NL, H, NB, P]
-        num, den = hist[..., i_c:].sum(-1), hist.sum(-1)
+        num, den = (hist * high).sum(-1), hist.sum(-1)
     else:
-        num = stats.p[w][..., 0, i_c:].sum(-1)  # sum w p_i over i >= i_c
+        num = (stats.p[w][..., 0, :] * high).sum(-1)  # sum w p_i over i >= i_c
         den = stats.moments[w][..., 0, 0]
     out = num / den
     return torch.where(den > 0, out, torch.full_like(out, float("nan")))

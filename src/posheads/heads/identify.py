@@ -51,7 +51,7 @@ class HeadAnalysis:
     Attributes:
         config: the configuration used.
         stats: the accumulated per-pair sums (merge two analyses' stats to pool probe sets).
-        i_c: the critical pair.
+        i_c: the critical pair (one per layer when the layer types have different RoPE, Gemma 3).
         scores, null, excess, z: the configured score, its permuted-position null, ``score - null``, and the
             z-score over all heads of the ranking value (``config.rank_by``: the score or the excess).
         positional: boolean mask of the Positional Heads.
@@ -63,7 +63,7 @@ class HeadAnalysis:
 
     config: HeadsConfig
     stats: PairStats
-    i_c: int
+    i_c: int | list[int]
     scores: torch.Tensor
     null: torch.Tensor
     excess: torch.Tensor
@@ -200,7 +200,9 @@ def _floats(t: torch.Tensor) -> list[float | None]:
     return [_float(x) for x in t.flatten().tolist()]
 
 
-def analyze(stats: PairStats, cfg: HeadsConfig, i_c: int, meta: dict[str, Any] | None = None) -> HeadAnalysis:
+def analyze(
+    stats: PairStats, cfg: HeadsConfig, i_c: int | list[int], meta: dict[str, Any] | None = None
+) -> HeadAnalysis:
     """Scores, null, z, selection and HDA from accumulated sums (pure)."""
     stats = stats.to("cpu")
     kwargs: dict[str, Any] = {"i_c": i_c, "per_pair_distance": cfg.per_pair_distance}
@@ -217,7 +219,10 @@ def analyze(stats: PairStats, cfg: HeadsConfig, i_c: int, meta: dict[str, Any] |
     area, mean = hda_area(curves)
     extra: dict[str, torch.Tensor] = {}
     for name in _EXTRA_SCORES:
-        if name == cfg.score or (name.startswith("per_pair") and not 0 < i_c < stats.num_pairs):
+        ics = [i_c] if isinstance(i_c, int) else list(i_c)
+        if name == cfg.score or (
+            name.startswith("per_pair") and not all(0 < c < stats.num_pairs for c in ics)
+        ):
             continue
         extra[name] = positional_scores(stats, name, **kwargs)
         extra[name + "_null"] = positional_scores(stats, name, null=True, **kwargs)
@@ -296,12 +301,13 @@ def identify_positional_heads(
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)}, sequences {tuple(sequences.shape)}"
         )
+    from posheads.rope.layout import model_rope
+
     modules = attention_modules(model)
     first = next(iter(modules.values()))
-    head_dim = int(
-        getattr(first, "head_dim", 0) or first.config.hidden_size // first.config.num_attention_heads
-    )
-    cfg.validate_for(max(modules) + 1, int(first.config.num_attention_heads), head_dim)
+    rope = model_rope(model)  # derived from the config and verified on the model (position-shift check)
+    head_dim = rope.head_dim
+    cfg.validate_for(max(modules) + 1, int(first.config.num_attention_heads), 2 * rope.num_pairs)
     n_seq, length = sequences.shape
     device = next(model.parameters()).device
     collector = collector_for_config(model, cfg, length, device)
@@ -340,6 +346,7 @@ def identify_positional_heads(
         "num_heads": int(config.num_attention_heads),
         "num_key_value_heads": int(getattr(config, "num_key_value_heads", config.num_attention_heads)),
         "head_dim": head_dim,
+        "rope": rope.summary(),
         "rope_parameters": dict(getattr(config, "rope_parameters", {}) or {}),
         "attn_implementation": str(config._attn_implementation),
         "rows_accumulated": float(collector.stats.rows),

@@ -176,7 +176,7 @@ def positional_scores(
     variant: str = DEFAULT_SCORE,
     *,
     null: bool = False,
-    i_c: int | None = None,
+    i_c: int | list[int] | None = None,
     per_pair_distance: str = "linear",
     bins: slice | None = None,
 ) -> torch.Tensor:
@@ -203,10 +203,14 @@ def positional_scores(
         return _spearman(stats, w, null)
     if i_c is None:
         raise ValueError(f"score={variant!r} needs the critical pair i_c")
-    if not 0 < i_c < stats.num_pairs:
+    critical = [i_c] * stats.num_layers if isinstance(i_c, int) else list(i_c)  # one per layer (Gemma 3)
+    if len(critical) != stats.num_layers or not all(0 < c < stats.num_pairs for c in critical):
         raise ValueError(f"i_c={i_c!r} must be in 1..{stats.num_pairs - 1} for score={variant!r}")
     r = per_pair_correlations(stats, weighted=bool(w), distance=per_pair_distance, null=null)
-    return r[..., i_c:].nanmean(-1) - r[..., :i_c].nanmean(-1)
+    high = torch.arange(stats.num_pairs).view(1, -1) >= torch.tensor(critical).view(-1, 1)  # [NL, P]
+    high = high.unsqueeze(1).expand_as(r)
+    nan = torch.full_like(r, float("nan"))
+    return torch.where(high, r, nan).nanmean(-1) - torch.where(high, nan, r).nanmean(-1)
 
 
 def zscores(scores: torch.Tensor, null: torch.Tensor | None = None) -> torch.Tensor:

@@ -37,6 +37,13 @@ reduces with one batched matrix product per quantity, and builds the histograms 
 float32 within one layer's chunks and float64 across layers, batches and processes; the soft pair is
 accumulated centred (``S - (P-1)/2``) for a well-conditioned variance.
 
+**Pairs and content.** Where the RoPE pairs of each layer are (layout, rotary width, MLA offset) comes from
+the verified description of :mod:`posheads.rope.layout` (``layout=`` a :class:`~posheads.rope.layout.ModelRope`):
+pairs ``0..P-1`` are its rotary pairs only. The pass-through components of partial-rotary and MLA heads are no
+pair: their logit contribution ``c = sum_pass q~ k~`` enters the attention probabilities (which use the whole
+logit ``scaling * (sum_i g_i + c)``, soft-capped when the model soft-caps, Gemma 2) and is accumulated on its
+own in :attr:`PairStats.content` (the "content" share).
+
 **Spearman.** Ranks are taken at bin level: distances within one log2 bin are treated as ties, so the
 weighted Spearman correlation of ``(delta, D)`` is computed exactly (with mid-ranks) from the joint
 (bin, dominant pair) histogram ``dom``. This keeps the pass single and the memory ``O(bins x pairs)``.
@@ -114,6 +121,9 @@ class PairStats:
         moments: ``[W, NL, H, NB, 5, 7]`` ``sum w t f`` for ``t`` in :data:`DIST_TERMS`, ``f`` in
             :data:`FEATURE_TERMS` (e.g. ``[..., 1, 5]`` is ``sum w x D``; ``[..., 0, 0]`` the bin's mass).
         rows: ``[]`` number of query rows accumulated (summed over layers once, i.e. per forward).
+        content: ``[W, NL, H, NB, 3]``: ``sum w c``, ``sum w |c|`` and ``sum w sum_i |g_i|`` with ``c`` the
+            pass-through ("content") logit contribution (0 for fully rotary heads); the content share of the
+            logit magnitude is ``content[..., 1] / (content[..., 1] + content[..., 2])``.
     """
 
     dom: torch.Tensor
@@ -123,6 +133,17 @@ class PairStats:
     p: torch.Tensor
     moments: torch.Tensor
     rows: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    content: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.content is None:  # statistics saved before the content sums existed
+            self.content = torch.zeros((*self.dom.shape[:4], 3), dtype=torch.float64, device=self.dom.device)
+
+    def content_share(self, weighting: int = 1) -> torch.Tensor:
+        """``[NL, H, NB]`` share of the logit magnitude carried by the pass-through components (NaN: no mass)."""
+        c = self.content[weighting]  # type: ignore[index]
+        den = c[..., 1] + c[..., 2]
+        return torch.where(den > 0, c[..., 1] / den.clamp(min=1e-300), torch.full_like(den, float("nan")))
 
     @classmethod
     def zeros(
@@ -140,6 +161,7 @@ class PairStats:
             p=z(*base, len(DIST_TERMS), num_pairs),
             moments=z(*base, len(DIST_TERMS), len(FEATURE_TERMS)),
             rows=z(),
+            content=z(*base, 3),
         )
 
     @property
@@ -190,7 +212,7 @@ class PairStats:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> PairStats:
-        return cls(**{f.name: state[f.name].to(torch.float64) for f in fields(cls)})
+        return cls(**{f.name: state[f.name].to(torch.float64) for f in fields(cls) if f.name in state})
 
     # ---- convenient views (all float64)
     def mass(self, weighting: int = WEIGHTED) -> torch.Tensor:
@@ -310,6 +332,7 @@ class _LayerSums:
         self.pp = z(2, heads, bins, pairs)
         self.dom = z(2, heads * bins * pairs)
         self.dom_null = z(2, heads * bins * pairs)
+        self.content = z(2, heads, bins, 3)
 
     def add_to(self, stats: PairStats, layer: int) -> None:
         dev = stats.dom.device
@@ -319,6 +342,7 @@ class _LayerSums:
         stats.pp[:, layer] += self.pp.to(dev, torch.float64)
         stats.dom[:, layer] += self.dom.to(dev, torch.float64).view_as(stats.dom[:, layer])
         stats.dom_null[:, layer] += self.dom_null.to(dev, torch.float64).view_as(stats.dom_null[:, layer])
+        stats.content[:, layer] += self.content.to(dev, torch.float64)  # type: ignore[index]
 
 
 class PairStatsCollector:
@@ -335,7 +359,8 @@ class PairStatsCollector:
         rows_per_sequence: rows sampled per sequence when no plan is set.
         keys_per_bin: ``None`` = all keys (exact); else ``C`` (see the module docstring).
         temperature: ``T`` in ``p = softmax(g / T)``.
-        layout: ``"half"`` (rotate-half, Hugging Face) or ``"interleaved"`` pairing.
+        layout: a :class:`~posheads.rope.layout.ModelRope` (where each layer's pairs are; ``head_dim`` is then
+            its number of pairs times 2), or ``"half"`` / ``"interleaved"`` for a fully rotary head.
         chunk_elements: bound on ``heads x rows x keys x pairs`` elements per chunk (memory/speed trade-off).
         seed: base seed of automatic plans.
     """
@@ -350,11 +375,15 @@ class PairStatsCollector:
         rows_per_sequence: int = 64,
         keys_per_bin: int | None = 8,
         temperature: float = 1.0,
-        layout: str = "half",
+        layout: Any = "half",
         chunk_elements: int = 1 << 20,
         seed: int = 0,
         device: Any = None,
     ) -> None:
+        if not isinstance(layout, str) and layout.num_pairs * 2 != head_dim:
+            raise ValueError(
+                f"head_dim={head_dim!r} must be twice the description's {layout.num_pairs} RoPE pairs"
+            )
         if head_dim % 2:
             raise ValueError(f"head_dim={head_dim!r} must be even")
         if keys_per_bin is not None and keys_per_bin < 2:
@@ -448,8 +477,13 @@ class PairStatsCollector:
         order = torch.argsort(pos, stable=True)
         b_idx, pos = b_idx[order], pos[order]  # [N] sorted by position
         n_rows = pos.numel()
-        q = to_half_layout(call.query, self.layout)
-        k = to_half_layout(call.key, self.layout)
+        if call.sinks is not None:
+            raise ValueError(
+                f"layer {call.layer_idx} passes attention sinks (s_aux) to the attention: the statistics' "
+                "probabilities do not model them"
+            )
+        q = self._to_pairs(call.query, call.layer_idx)
+        k = self._to_pairs(call.key, call.layer_idx)
         n_kv = k.shape[1]
         groups = n_heads // n_kv
         q_rows = q[b_idx, :, pos].float().transpose(0, 1).contiguous()  # [N, H, d] -> [H, N, d]
@@ -470,7 +504,7 @@ class PairStatsCollector:
             sel = (b_idx == b).nonzero().flatten()
             qb = q_scaled[:, sel].reshape(n_kv, groups * sel.numel(), -1)  # [Hkv, G*Nb, d]
             logits = torch.bmm(qb, k[b, :, :l_max].float().transpose(1, 2))  # [Hkv, G*Nb, Lmax] (n-space)
-            logits = logits.view(n_heads, sel.numel(), l_max)
+            logits = call.cap(logits.view(n_heads, sel.numel(), l_max))  # soft-cap (Gemma 2)
             logits = logits.gather(2, n_idx[sel].unsqueeze(0).expand(n_heads, -1, -1))  # [H, Nb, Lmax] delta
             logits.masked_fill_(~valid_delta[sel].unsqueeze(0), float("-inf"))
             probs = torch.softmax(logits, dim=-1)  # [H, Nb, Lmax]: a(m, m - delta), 0 where invalid
@@ -509,9 +543,24 @@ class PairStatsCollector:
             null[sel] = null_b.view(sel.numel(), l_max)
         return null
 
+    def _to_pairs(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """``x [..., head_dim]`` reordered so that pair ``i`` is components ``(i, i + P)``, pass-through after."""
+        if isinstance(self.layout, str):
+            if x.shape[-1] != self.head_dim:
+                raise ValueError(
+                    f"layer {layer} has q/k heads of width {x.shape[-1]}, expected {self.head_dim}"
+                )
+            return to_half_layout(x, self.layout)
+        rope = self.layout[layer]
+        if x.shape[-1] != rope.head_dim:
+            raise ValueError(
+                f"layer {layer} has q/k heads of width {x.shape[-1]}, its RoPE description says {rope.head_dim}"
+            )
+        return to_half_layout(x, rope)
+
     # ---- the layer's statistics
     def _accumulate_layer(self, call: AttentionCall, rows: _Rows, plan: RowPlan, sums: _LayerSums) -> None:
-        k = to_half_layout(call.key, self.layout).float()  # [B, Hkv, L, d]
+        k = self._to_pairs(call.key, call.layer_idx).float()  # [B, Hkv, L, d]
         bsz, n_kv, seq, d = k.shape
         k_flat = k.transpose(0, 1).reshape(n_kv, bsz * seq, d)  # [Hkv, B*L, d]
         if self.keys_per_bin is None:
@@ -693,8 +742,12 @@ class PairStatsCollector:
             kc = k_flat.reshape(n_kv * bl, d).index_select(0, flat).view(h_all, nb, nr, c, d)
             qv = q.view(h_all, 1, nr, 1, d)
         g = qv[..., :p_dim] * kc[..., :p_dim]
-        g.addcmul_(qv[..., p_dim:], kc[..., p_dim:])  # g_i = q_i k_i + q_{i+P} k_{i+P}
+        g.addcmul_(qv[..., p_dim : 2 * p_dim], kc[..., p_dim : 2 * p_dim])  # g_i = q_i k_i + q_{i+P} k_{i+P}
         g = g.view(h_all * nb, nr * c, p_dim)  # [H*nb, Nr*c, P]
+        if d > 2 * p_dim:  # pass-through ("content") contribution, never a pair
+            content = (qv[..., 2 * p_dim :] * kc[..., 2 * p_dim :]).sum(-1).reshape(h_all * nb, nr * c)
+        else:
+            content = torch.zeros((), device=device).expand(h_all * nb, nr * c)
         dom = g.max(dim=-1).indices  # [H*nb, Nr*c] dominant pair D
         p = torch.softmax(g if self.temperature == 1.0 else g / self.temperature, dim=-1)  # [H*nb, Nr*c, P]
         # soft dominant pair, centred for a well-conditioned variance: S - (P-1)/2  [H*nb, Nr*c]
@@ -727,6 +780,8 @@ class PairStatsCollector:
         sums.pp[:, :, b0:b1] += (
             torch.bmm(wmat[:, :2], p.square()).view(h_all, nb, 2, p_dim).permute(2, 0, 1, 3)
         )
+        cfeat = torch.stack([content, content.abs(), g.abs().sum(-1)], dim=-1)  # [H*nb, Nr*c, 3]
+        sums.content[:, :, b0:b1] += torch.bmm(wmat[:, :2], cfeat).view(h_all, nb, 2, 3).permute(2, 0, 1, 3)
         # dominant-pair histograms: by the true bin and by the permuted distance's bin
         head = torch.arange(h_all, device=device).view(h_all, 1, 1, 1)
         bins_true = torch.arange(b0, b1, device=device).view(1, nb, 1, 1)
@@ -741,12 +796,25 @@ class PairStatsCollector:
 
 
 def collector_for_model(model: nn.Module, num_bins: int, **kwargs: Any) -> PairStatsCollector:
-    """A :class:`PairStatsCollector` shaped after ``model`` (layers, heads, head_dim from its config)."""
+    """A :class:`PairStatsCollector` shaped after ``model``: layers and heads from its config, the pairs of
+    every layer from its verified RoPE description (:func:`posheads.rope.layout.model_rope`). ``layout``
+    ``"auto"`` (default) uses the description; ``"half"`` / ``"interleaved"`` must agree with it."""
     from posheads.heads.capture import attention_modules
+    from posheads.rope.layout import model_rope
 
     modules = attention_modules(model)
     first = next(iter(modules.values()))
     cfg = first.config
-    head_dim = int(getattr(first, "head_dim", 0) or cfg.hidden_size // cfg.num_attention_heads)
+    rope = model_rope(model)
+    layout = kwargs.pop("layout", "auto")
+    if layout not in (None, "auto") and (not isinstance(layout, str) or rope.layouts() != {layout}):
+        raise ValueError(
+            f"heads.layout={layout!r} disagrees with the verified RoPE of model_type={rope.model_type!r} "
+            f"(layout {sorted(rope.layouts())}); use heads.layout='auto'"
+        )
     num_layers = max(modules) + 1
-    return PairStatsCollector(num_layers, int(cfg.num_attention_heads), head_dim, num_bins, **kwargs)
+    if len(rope) != num_layers:
+        raise ValueError(f"the RoPE description has {len(rope)} layers, the model {num_layers}")
+    return PairStatsCollector(
+        num_layers, int(cfg.num_attention_heads), 2 * rope.num_pairs, num_bins, layout=rope, **kwargs
+    )
