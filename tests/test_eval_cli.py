@@ -151,6 +151,25 @@ def test_previous_head_table_is_validated(tmp_path, no_weights):
         main(_ci(tmp_path, "--tasks", "[perplexity]", "--heads.from_results", str(table)))
 
 
+def test_table_without_recorded_probes_is_refused(tmp_path, no_weights):
+    table = tmp_path / "heads.json"
+    table.write_text(json.dumps([{"layer": 1, "head": 0, "score": 1.0, "z": 2.0, "positional": True}]))
+    with pytest.raises(ValueError, match="does not record the documents its heads were identified on"):
+        main(_ci(tmp_path, "--tasks", "[perplexity]", "--heads.from_results", str(table)))
+    with pytest.raises(ValueError, match=r"heads.probe_documents: \['nope'\] are not documents"):
+        main(
+            _ci(
+                tmp_path,
+                "--tasks",
+                "[perplexity]",
+                "--heads.from_results",
+                str(table),
+                "--heads.probe_documents",
+                "[nope]",
+            )
+        )
+
+
 def test_ci_config_end_to_end(tmp_path):
     data = main(_ci(tmp_path))
     run = tmp_path / "run"
@@ -201,6 +220,33 @@ def test_ci_config_end_to_end(tmp_path):
             (n, L, d) for n in names for L in lengths for d in depths
         }
         assert all(set(r) >= {"condition", "length", "depth", "accuracy", "trials"} for r in rows)
+    # held-out text: the probes are named, and no perplexity window comes from a probe document
+    probes = {p["document"] for p in proto["probes"]}
+    assert len(probes) == 2 and proto["corpus"]["held_out"] == sorted(
+        probes, key=proto["corpus"]["held_out"].index
+    )
+    for r in ppl:
+        assert r["per_window"] and not {w["document"] for w in r["per_window"]} & probes
+        assert sum(w["tokens"] for w in r["per_window"]) == r["tokens"]
+    # intervals over documents for every row, paired contrasts against none and the random controls
+    iv = on_disk["perplexity_intervals"]["lengths"]["128"]
+    assert iv["n_documents"] == 2 and set(iv["conditions"]) == set(names)
+    for name, c in iv["conditions"].items():
+        row = next(r for r in ppl if r["condition"] == name and r["length"] == 128)
+        assert c["nll"] == pytest.approx(row["nll"]) and c["lo"] <= c["nll"] <= c["hi"]
+    assert {
+        "positional - none",
+        "positional - mean(random)",
+        "positional - random@1",
+        "positional - lowest",
+    } <= set(iv["contrasts"])
+    assert "dims_high - dims_low" in iv["contrasts"]
+    for c in on_disk["conditions"]:
+        if c["family"] == "random" or c["name"] == "lowest":
+            pos = {
+                tuple(h) for h in next(x for x in on_disk["conditions"] if x["name"] == "positional")["heads"]
+            }
+            assert not {tuple(h) for h in c["heads"]} & pos
     trials = (run / "trials.jsonl").read_text().splitlines()
     assert len(trials) == len(names) * (4 + 2)
     for png in ("perplexity.png", "passkey.png", "needle.png", "scores_heatmap.png", "hda_curves.png"):
@@ -216,7 +262,7 @@ def test_resume_skips_finished_rows_and_reads_a_previous_table(tmp_path, monkeyp
     def refuse(*args, **kwargs):
         raise AssertionError("a finished row was computed again")
 
-    monkeypatch.setattr(cli, "evaluate_perplexity", refuse)
+    monkeypatch.setattr(cli, "evaluate_perplexity_lengths", refuse)
     again = main(
         _ci(
             tmp_path,

@@ -11,6 +11,8 @@ from posheads.data import TokenizedDocument, window_document
 from posheads.eval.conditions import NONE, Condition, ConditionRunner
 from posheads.eval.perplexity import (
     evaluate_perplexity,
+    evaluate_perplexity_lengths,
+    perplexity_intervals,
     perplexity_windows,
     scored_offset,
     token_nll_sums,
@@ -143,3 +145,112 @@ def test_out_of_memory_falls_back_to_smaller_groups(model):
     out = runner.call(conds, fake_forward)
     assert len(out) == 4 and calls == [4, 2, 1, 1, 1, 1]
     assert runner.max_rows == 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-window records, nested prefixes, intervals
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_rows_name_their_windows(model):
+    (row,) = evaluate_perplexity(model, _docs(), 64, max_windows_per_doc=2, progress=False)
+    assert row.windows == len(row.per_window) == 7  # d0: 2, d1: 2, d2: 1, d3: 2
+    assert {w["document"] for w in row.per_window} == {"d0", "d1", "d2", "d3"}
+    assert sum(w["tokens"] for w in row.per_window) == row.tokens
+    assert math.isclose(sum(w["nll_sum"] for w in row.per_window) / row.tokens, row.nll, rel_tol=1e-12)
+    first = row.per_window[0]
+    assert (first["start"], first["end"], first["scored_from"], first["tokens"]) == (0, 64, 1, 63)
+
+
+@pytest.mark.parametrize("score_last", [None, 20])
+def test_nested_prefixes_equal_separate_windows(model, score_last):
+    docs = _docs((300, 170, 90, 520, 260))
+    lengths = [64, 128, 256]
+    conds = [NONE, Condition("h", "heads", ((0, 1), (1, 0)))]
+
+    from posheads.eval.identify import ablation_apply
+
+    def run(nested):
+        runner = ConditionRunner(model, conds, ablation_apply("zero", None, None), max_rows=2)
+        return evaluate_perplexity_lengths(
+            model,
+            docs,
+            lengths,
+            nested=nested,
+            score_last=score_last,
+            max_windows_per_doc=1,
+            max_documents=3,
+            max_documents_per_length={256: 2},
+            runner=runner,
+            progress=False,
+        )
+
+    sep = {(r.condition, r.length): r for r in run(False)}
+    nest = {(r.condition, r.length): r for r in run(True)}
+    assert set(sep) == set(nest) == {(c.name, L) for c in conds for L in lengths}
+    for key, r in sep.items():
+        n = nest[key]
+        assert [(w["document"], w["start"], w["end"], w["tokens"]) for w in n.per_window] == [
+            (w["document"], w["start"], w["end"], w["tokens"]) for w in r.per_window
+        ]
+        assert n.nll == pytest.approx(r.nll, abs=2e-5), key
+    assert sep[("none", 256)].documents == 2 and sep[("none", 64)].documents == 3
+    assert sep[("h", 128)].nll != sep[("none", 128)].nll  # the ablation acted
+
+
+def test_nested_refuses_sliding_windows(model):
+    with pytest.raises(ValueError, match="nested perplexity needs disjoint windows"):
+        evaluate_perplexity_lengths(model, _docs(), [64], nested=True, stride=32, progress=False)
+
+
+def _results(per_doc_nll, tokens, conditions):
+    rows = []
+    for cond, values in per_doc_nll.items():
+        windows = [
+            {"document": f"d{i}", "start": 0, "end": t + 1, "scored_from": 1, "tokens": t, "nll_sum": v * t}
+            for i, (v, t) in enumerate(zip(values, tokens))
+        ]
+        total = sum(tokens)
+        nll = sum(w["nll_sum"] for w in windows) / total
+        rows.append(
+            {"condition": cond, "length": 64, "nll": nll, "ppl": math.exp(nll), "per_window": windows}
+        )
+    return {"perplexity": rows, "conditions": conditions}
+
+
+def test_perplexity_intervals_contrasts_are_paired_and_pooled():
+    base = [2.0, 3.0, 2.5, 4.0, 1.5, 3.5]
+    tokens = [63, 40, 63, 50, 63, 30]
+    per_doc = {
+        "none": base,
+        "positional": [v + 0.5 for v in base],  # +0.5 on every document
+        "random@0": [v + 0.1 for v in base],
+        "random@1": [v + 0.2 for v in base],
+        "lowest": [v + 0.05 for v in base],
+    }
+    conds = [
+        {"name": "none", "kind": "none", "family": "none"},
+        {"name": "positional", "kind": "heads", "family": "positional"},
+        {"name": "random@0", "kind": "heads", "family": "random"},
+        {"name": "random@1", "kind": "heads", "family": "random"},
+        {"name": "lowest", "kind": "heads", "family": "lowest"},
+    ]
+    out = perplexity_intervals(_results(per_doc, tokens, conds), n_boot=300)
+    at = out["lengths"]["64"]
+    k = at["contrasts"]
+    assert at["n_documents"] == 6 and at["documents"] == [f"d{i}" for i in range(6)]
+    # paired: a constant per-token shift has a zero-width interval despite wide per-condition intervals
+    for name, value in (
+        ("positional - none", 0.5),
+        ("positional - random@0", 0.4),
+        ("positional - mean(random)", 0.35),
+        ("positional - lowest", 0.45),
+        ("mean(random) - none", 0.15),
+    ):
+        assert k[name]["value"] == pytest.approx(value), name
+        assert k[name]["lo"] == pytest.approx(value) and k[name]["hi"] == pytest.approx(value), name
+    assert at["conditions"]["none"]["hi"] - at["conditions"]["none"]["lo"] > 0.3
+    # a row on other documents is left out of the paired comparison, not silently mixed in
+    data = _results(per_doc, tokens, conds)
+    data["perplexity"][2]["per_window"][0]["document"] = "elsewhere"
+    assert perplexity_intervals(data, n_boot=50)["lengths"]["64"]["skipped"] == ["random@0"]

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from posheads.data import TokenizedDocument, load_token_documents
 from posheads.eval.conditions import NONE, Condition, ConditionRunner, no_ablation
 from posheads.eval.config import EvalConfig
-from posheads.eval.perplexity import evaluate_perplexity
+from posheads.eval.perplexity import evaluate_perplexity_lengths, perplexity_intervals
 from posheads.eval.plots import plot_results, summary_tables
 from posheads.eval.results import ResultsFile, package_versions
 from posheads.eval.sweep import (
@@ -171,6 +171,63 @@ class Prepared:
     haystack: torch.Tensor | None = None
     head_table: list[dict[str, Any]] | None = None
     warnings: list[str] = field(default_factory=list)
+    probe_documents: list[TokenizedDocument] = field(default_factory=list)
+
+
+def recorded_probes(path: str | os.PathLike) -> list[str] | None:
+    """The probe documents a previous run's ``results.json`` records (``protocol.probes``), else ``None``."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "results.json"
+    if p.suffix != ".json" or not p.is_file():
+        return None
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    probes = (data.get("protocol") or {}).get("probes") if isinstance(data, dict) else None
+    return [str(r["document"]) for r in probes] if probes else None
+
+
+def split_documents(
+    cfg: EvalConfig, docs: Sequence[TokenizedDocument]
+) -> tuple[list[TokenizedDocument], list[TokenizedDocument]]:
+    """``(probe documents, evaluation documents)``: disjoint by construction.
+
+    Probes: ``heads.probe_documents`` when set (each must exist and hold ``heads.length`` tokens); with
+    ``heads.from_results``, the probes that run recorded; else the first ``heads.num_sequences`` documents
+    with at least ``heads.length`` tokens. Evaluation: every other document. Raises ``ValueError`` when
+    the heads come from a table whose probes are unknown and an evaluation task reads the corpus (the
+    held-out guarantee could not be kept)."""
+    names = cfg.heads.probe_documents
+    if names is None and cfg.heads.from_results and "heads" not in cfg.tasks:
+        names = recorded_probes(cfg.heads.from_results)
+        reads_corpus = "perplexity" in cfg.tasks or ("needle" in cfg.tasks and cfg.needle.haystack is None)
+        if names is None and cfg.sweep.needs_positional and reads_corpus:
+            raise ValueError(
+                f"heads.from_results={cfg.heads.from_results!r} does not record the documents its heads were "
+                "identified on; set heads.probe_documents to them so that evaluation leaves them out"
+            )
+    by_name = {d.name: d for d in docs}
+    if names is not None:
+        missing = [n for n in names if n not in by_name]
+        if missing:
+            raise ValueError(
+                f"heads.probe_documents: {missing} are not documents of corpus.kind={cfg.corpus.kind!r}"
+            )
+        probes = [by_name[n] for n in names]
+        if "heads" in cfg.tasks:
+            short = [d.name for d in probes if d.n_tokens < cfg.heads.length]
+            if short:
+                raise ValueError(
+                    f"heads.probe_documents: {short} have fewer than heads.length={cfg.heads.length} tokens"
+                )
+    elif "heads" in cfg.tasks:
+        probes = [d for d in docs if d.n_tokens >= cfg.heads.length][: cfg.heads.num_sequences]
+    else:
+        probes = []
+    held = {d.name for d in probes}
+    return probes, [d for d in docs if d.name not in held]
 
 
 def _check_documents(cfg: EvalConfig, docs: Sequence[TokenizedDocument]) -> None:
@@ -183,11 +240,6 @@ def _check_documents(cfg: EvalConfig, docs: Sequence[TokenizedDocument]) -> None
                 f"perplexity.lengths {short}: no document of {where} has that many tokens (the longest of "
                 f"{len(docs)} has {longest}); use shorter lengths or a corpus of longer documents"
             )
-    if "heads" in cfg.tasks and cfg.heads.length > longest:
-        raise ValueError(
-            f"heads.length={cfg.heads.length}: no document of {where} has that many tokens (the longest of "
-            f"{len(docs)} has {longest})"
-        )
 
 
 def _check_retrieval(cfg: EvalConfig, tokenizer: Any, haystack: torch.Tensor | None) -> None:
@@ -228,10 +280,16 @@ def prepare(cfg: EvalConfig) -> Prepared:
         validate_heads([[r["layer"], r["head"]] for r in table], shape, option="heads.from_results")
     tokenizer = load_tokenizer(cfg.model)
     docs: list[TokenizedDocument] = []
+    probe_docs: list[TokenizedDocument] = []
     if {"heads", "perplexity"}.intersection(cfg.tasks) or (
         "needle" in cfg.tasks and cfg.needle.haystack is None
     ):
         docs = load_token_documents(cfg.corpus, tokenizer, cache_dir=cfg.token_cache, progress=cfg.progress)
+        probe_docs, docs = split_documents(cfg, docs)
+        if "heads" in cfg.tasks and not probe_docs:
+            raise ValueError(
+                f"heads.length={cfg.heads.length}: no document of corpus.kind={cfg.corpus.kind!r} has that many tokens"
+            )
         _check_documents(cfg, docs)
     haystack = None
     if "needle" in cfg.tasks:
@@ -246,7 +304,7 @@ def prepare(cfg: EvalConfig) -> Prepared:
             source = source[: cfg.needle.haystack_documents]
         haystack = haystack_pool(source, tokenizer)
     _check_retrieval(cfg, tokenizer, haystack)
-    return Prepared(cfg, config, shape, tokenizer, docs, haystack, table, notes)
+    return Prepared(cfg, config, shape, tokenizer, docs, haystack, table, notes, probe_docs)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -272,6 +330,7 @@ def _protocol(
     corpus = dataclasses.asdict(cfg.corpus)
     corpus["documents"] = len(prep.documents)
     corpus["tokens"] = sum(d.n_tokens for d in prep.documents)
+    corpus["held_out"] = [d.name for d in prep.probe_documents]
     return {
         "model": cfg.model.describe(),
         "name_or_path": cfg.model.name_or_path,
@@ -292,6 +351,10 @@ def _protocol(
         "passkey": dataclasses.asdict(cfg.passkey) if "passkey" in cfg.tasks else None,
         "needle": dataclasses.asdict(cfg.needle) if "needle" in cfg.tasks else None,
         "identification": dataclasses.asdict(cfg.heads),
+        "probes": [
+            {"document": d.name, "start": 0, "end": min(d.n_tokens, cfg.heads.length)}
+            for d in prep.probe_documents
+        ],
         "seeds": {
             "random_heads": list(cfg.sweep.random_seeds),
             "passkey": cfg.passkey.seed,
@@ -309,18 +372,17 @@ def _protocol(
     }
 
 
-def _probe_sequences(cfg: EvalConfig, docs: Sequence[TokenizedDocument]) -> torch.Tensor:
-    """``[N, heads.length]`` identification probes: the first ``heads.length`` tokens of the first
-    ``heads.num_sequences`` documents that are long enough."""
-    long_enough = [d for d in docs if d.n_tokens >= cfg.heads.length][: cfg.heads.num_sequences]
-    if len(long_enough) < cfg.heads.num_sequences:
+def _probe_sequences(cfg: EvalConfig, probes: Sequence[TokenizedDocument]) -> torch.Tensor:
+    """``[N, heads.length]`` identification probes: the first ``heads.length`` tokens of each probe document
+    (:func:`split_documents`; held out from evaluation)."""
+    if len(probes) < cfg.heads.num_sequences and cfg.heads.probe_documents is None:
         log.warning(
             "heads.num_sequences=%d but only %d documents have %d tokens; using those",
             cfg.heads.num_sequences,
-            len(long_enough),
+            len(probes),
             cfg.heads.length,
         )
-    return torch.stack([d.ids[: cfg.heads.length] for d in long_enough])  # [N, L]
+    return torch.stack([d.ids[: cfg.heads.length] for d in probes])  # [N, L]
 
 
 def _retrieval_prompts(
@@ -387,7 +449,7 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
     try:
         if "heads" in cfg.tasks:
             t_task = time.time()
-            probes = _probe_sequences(cfg, prep.documents).to(device)
+            probes = _probe_sequences(cfg, prep.probe_documents).to(device)
             found = ident.identify(
                 model,
                 probes,
@@ -435,27 +497,33 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
         if "perplexity" in cfg.tasks:
             t_task = time.time()
             p = cfg.perplexity
-            for length in tqdm(p.lengths, desc="perplexity lengths", disable=not cfg.progress):
-                todo = [
-                    c for c in conditions if not results.has("perplexity", condition=c.name, length=length)
-                ]
-                if not todo:
-                    continue
-                evaluate_perplexity(
+            todo = [
+                c
+                for c in conditions
+                if not all(results.has("perplexity", condition=c.name, length=L) for L in p.lengths)
+            ]
+            if todo:
+                evaluate_perplexity_lengths(
                     model,
                     prep.documents,
-                    length,
+                    p.lengths,
+                    nested=p.nested,
                     stride=p.stride,
                     score_last=p.score_last,
                     max_windows_per_doc=p.max_windows_per_doc,
                     max_windows=p.max_windows,
                     max_documents=p.max_documents,
+                    max_documents_per_length=p.max_documents_per_length,
                     min_document_tokens=max(p.lengths) if p.same_documents else None,
                     runner=runner,
                     conditions=todo,
                     on_row=lambda row: results.append("perplexity", row.to_dict()),
                     progress=cfg.progress,
                 )
+            results.set(
+                "perplexity_intervals",
+                perplexity_intervals(results.data, n_boot=p.n_boot, seed=p.bootstrap_seed, level=p.level),
+            )
             timings["perplexity"] = round(time.time() - t_task, 1)
         for task in ("passkey", "needle"):
             if task in cfg.tasks:

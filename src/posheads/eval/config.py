@@ -83,8 +83,17 @@ class PerplexitySettings:
             lengths are compared on the same text (otherwise each length uses every document that is long
             enough for it, and short lengths also see short documents).
         max_documents: use at most this many (qualifying) documents per length.
+        max_documents_per_length: a smaller cap for some lengths, ``{length: documents}`` (the first
+            documents of the list, e.g. ``{4096: 4}``: fewer documents at the longest length).
         max_windows_per_doc: at most this many windows per document.
         max_windows: at most this many windows per length (all documents together).
+        nested: feed each document once per condition, at the longest length it is used for, and read the
+            shorter lengths off the same forward (a causal model's prediction at position ``t`` sees only
+            tokens ``<= t``, so this equals separate windows of the document's first ``L`` tokens). Needs
+            ``stride: null`` and one window per document.
+        n_boot: bootstrap resamples (over documents) of the intervals in ``results.json``.
+        level: coverage of the intervals.
+        bootstrap_seed: seed of the resampling.
     """
 
     lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
@@ -92,11 +101,46 @@ class PerplexitySettings:
     score_last: int | float | None = None
     same_documents: bool = True
     max_documents: int | None = None
+    max_documents_per_length: dict[int, int] | None = None
     max_windows_per_doc: int | None = None
     max_windows: int | None = None
+    nested: bool = False
+    n_boot: int = 2000
+    level: float = 0.95
+    bootstrap_seed: int = 0
 
     def __post_init__(self) -> None:
         self.lengths = _positive_ints("perplexity.lengths", self.lengths)
+        if self.max_documents_per_length is not None:
+            caps = {}
+            for k, v in dict(self.max_documents_per_length).items():
+                try:
+                    length = int(k)
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"perplexity.max_documents_per_length: key {k!r} is not a length"
+                    ) from None
+                if length not in self.lengths:
+                    raise ValueError(
+                        f"perplexity.max_documents_per_length: {length} is not one of perplexity.lengths {self.lengths}"
+                    )
+                _optional_positive(f"perplexity.max_documents_per_length[{length}]", v)
+                caps[length] = int(v)
+            self.max_documents_per_length = caps
+        if not isinstance(self.nested, bool):
+            raise ValueError(f"perplexity.nested={self.nested!r} must be a bool")
+        if self.nested and (self.stride is not None or self.max_windows_per_doc not in (None, 1)):
+            raise ValueError(
+                f"perplexity.nested=true needs stride: null and max_windows_per_doc: 1 (got stride={self.stride!r}, "
+                f"max_windows_per_doc={self.max_windows_per_doc!r})"
+            )
+        _optional_positive("perplexity.n_boot", self.n_boot)
+        if self.n_boot is None:
+            raise ValueError("perplexity.n_boot must be set")
+        if isinstance(self.level, bool) or not isinstance(self.level, (int, float)) or not 0 < self.level < 1:
+            raise ValueError(f"perplexity.level={self.level!r} must be in (0, 1)")
+        if isinstance(self.bootstrap_seed, bool) or not isinstance(self.bootstrap_seed, int):
+            raise ValueError(f"perplexity.bootstrap_seed={self.bootstrap_seed!r} must be an integer")
         if not isinstance(self.same_documents, bool):
             raise ValueError(f"perplexity.same_documents={self.same_documents!r} must be a bool")
         if self.stride is not None:
@@ -206,6 +250,10 @@ class IdentifySettings:
         from_results: read the head table of a previous run instead (a ``results.json``, its run directory,
             a JSON list or a CSV with ``layer, head, score, z, positional``); used when ``heads`` is not in
             ``tasks``.
+        probe_documents: names of the corpus documents the probes come from (their first ``length`` tokens);
+            ``null`` = the first ``num_sequences`` documents with at least ``length`` tokens (or, with
+            ``from_results``, the probes that run's ``results.json`` records). The probe documents are held
+            out: no evaluation task (perplexity, needle haystack) uses them, by construction.
         analysis: the analysis options (:class:`posheads.heads.HeadsConfig`: score statistic, selection
             rule, sampling, critical pair, batch size ...).
         plots: write the identification's plots (score heat-map, HDA curves, pair profile).
@@ -214,6 +262,7 @@ class IdentifySettings:
     length: int = 2048
     num_sequences: int = 4
     from_results: str | None = None
+    probe_documents: list[str] | None = None
     analysis: HeadsConfig = field(default_factory=HeadsConfig)
     plots: bool = True
 
@@ -224,6 +273,14 @@ class IdentifySettings:
                 raise ValueError(f"heads.{opt} must be set")
         if isinstance(self.analysis, dict):
             self.analysis = HeadsConfig(**self.analysis)
+        if self.probe_documents is not None:
+            if not isinstance(self.probe_documents, (list, tuple)) or not self.probe_documents:
+                raise ValueError(
+                    f"heads.probe_documents={self.probe_documents!r} must be a non-empty list or null"
+                )
+            if len(set(self.probe_documents)) != len(self.probe_documents):
+                raise ValueError(f"heads.probe_documents={self.probe_documents!r} has duplicates")
+            self.probe_documents = [str(d) for d in self.probe_documents]
 
 
 @dataclass
