@@ -43,13 +43,18 @@ def tiny(kv_heads: int = 2, seed: int = 0, rope_theta: float = 100.0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def brute_force(rec, rows: torch.Tensor, am: torch.Tensor, num_bins: int, plan: RowPlan) -> PairStats:
-    """Every sum of PairStats from the captured q~/k~, one sampled row at a time, all keys (float64)."""
+def brute_force(
+    rec, rows: torch.Tensor, am: torch.Tensor, num_bins: int, plan: RowPlan, sink_keys: int = 0
+) -> tuple[PairStats, PairStats]:
+    """Every sum of PairStats from the captured q~/k~, one sampled row at a time, all keys (float64):
+    ``(sums over the keys n >= sink_keys with the sink mass, sums over the keys n < sink_keys)``."""
     layers = sorted(rec.queries)
     q0 = rec.queries[layers[0]]
     n_heads, head_dim = q0.shape[1], q0.shape[-1]
     pairs = head_dim // 2
-    out = PairStats.zeros(len(layers), n_heads, num_bins, pairs)
+    s_pos = max(sink_keys, 1)
+    main = PairStats.zeros(len(layers), n_heads, num_bins, pairs, sink_positions=s_pos)
+    sink = PairStats.zeros(len(layers), n_heads, num_bins, pairs, sink_positions=s_pos)
     ar = torch.arange(pairs, dtype=torch.float64)
     for layer in layers:
         null_map = plan.null_map(layer)
@@ -64,6 +69,9 @@ def brute_force(rec, rows: torch.Tensor, am: torch.Tensor, num_bins: int, plan: 
                 keys = allowed.nonzero().flatten()
                 logits = torch.einsum("hd,hnd->hn", q[b, :, m], k[b][:, keys]) * rec.scalings[layer]
                 a = torch.softmax(logits, -1)  # [H, n]
+                first = keys < s_pos  # attention on the first positions: sink mass and its square
+                main.sink_mass[layer, :, keys[first]] += a[:, first]
+                main.sink_sq[layer] += a[:, first].sum(-1).square()
                 g = pair_contributions(q[b, :, m].unsqueeze(1), k[b][:, keys])  # [H, n, P]
                 dom = g.argmax(-1)  # [H, n]
                 p = torch.softmax(g, -1)
@@ -75,26 +83,28 @@ def brute_force(rec, rows: torch.Tensor, am: torch.Tensor, num_bins: int, plan: 
                 )
                 bins = distance_bin(m - keys, num_bins)
                 bins_null = distance_bin(dnull.long(), num_bins)
-                for w_index, w in ((0, torch.ones_like(a)), (1, a)):
-                    for h in range(n_heads):
-                        onehot = torch.nn.functional.one_hot(dom[h], pairs).double()  # [n, P]
-                        wt = w[h]
-                        out.dom[w_index, layer, h].index_add_(0, bins, wt[:, None] * onehot)
-                        out.dom_null[w_index, layer, h].index_add_(0, bins_null, wt[:, None] * onehot)
-                        out.g[w_index, layer, h].index_add_(0, bins, wt[:, None] * g[h])
-                        out.pp[w_index, layer, h].index_add_(0, bins, wt[:, None] * p[h].square())
-                        abs_g = torch.stack(
-                            [torch.zeros_like(wt), torch.zeros_like(wt), g[h].abs().sum(-1)], -1
-                        )
-                        out.content[w_index, layer, h].index_add_(0, bins, wt[:, None] * abs_g)  # no content
-                        tp = (wt * terms)[:, :, None] * p[h][None]  # [5, n, P]
-                        out.p[w_index, layer, h].index_add_(0, bins, tp.permute(1, 0, 2))
-                        feats = torch.cat(
-                            [terms, dom[h][None].double(), (soft[h][None] - (pairs - 1) / 2).square()]
-                        )
-                        tf = (wt * terms)[:, None, :] * feats[None]  # [5, 7, n]
-                        out.moments[w_index, layer, h].index_add_(0, bins, tf.permute(2, 0, 1))
-    return out
+                is_sink = keys < sink_keys
+                for w_index, w_all in ((0, torch.ones_like(a)), (1, a)):
+                    for out, w in ((main, w_all * ~is_sink), (sink, w_all * is_sink)):
+                        for h in range(n_heads):
+                            onehot = torch.nn.functional.one_hot(dom[h], pairs).double()  # [n, P]
+                            wt = w[h]
+                            out.dom[w_index, layer, h].index_add_(0, bins, wt[:, None] * onehot)
+                            out.dom_null[w_index, layer, h].index_add_(0, bins_null, wt[:, None] * onehot)
+                            out.g[w_index, layer, h].index_add_(0, bins, wt[:, None] * g[h])
+                            out.pp[w_index, layer, h].index_add_(0, bins, wt[:, None] * p[h].square())
+                            abs_g = torch.stack(
+                                [torch.zeros_like(wt), torch.zeros_like(wt), g[h].abs().sum(-1)], -1
+                            )
+                            out.content[w_index, layer, h].index_add_(0, bins, wt[:, None] * abs_g)
+                            tp = (wt * terms)[:, :, None] * p[h][None]  # [5, n, P]
+                            out.p[w_index, layer, h].index_add_(0, bins, tp.permute(1, 0, 2))
+                            feats = torch.cat(
+                                [terms, dom[h][None].double(), (soft[h][None] - (pairs - 1) / 2).square()]
+                            )
+                            tf = (wt * terms)[:, None, :] * feats[None]  # [5, 7, n]
+                            out.moments[w_index, layer, h].index_add_(0, bins, tf.permute(2, 0, 1))
+    return main, sink
 
 
 def run_collector(model, ids, am, rows, **kwargs) -> tuple[PairStatsCollector, RowPlan, object]:
@@ -115,18 +125,28 @@ def assert_stats_close(a: PairStats, b: PairStats, rtol: float = 1e-4, atol: flo
         torch.testing.assert_close(t / scale, getattr(b, name) / scale, rtol=rtol, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("kv_heads", [4, 2])
-def test_exact_statistics_match_brute_force_with_padding(kv_heads: int):
-    """Sampled rows, all keys: every accumulated sum equals a brute-force computation (batch 2, left padding)."""
+@pytest.mark.parametrize(("kv_heads", "sink_keys"), [(4, 0), (2, 0), (2, 3)])
+def test_exact_statistics_match_brute_force_with_padding(kv_heads: int, sink_keys: int):
+    """Sampled rows, all keys: every accumulated sum equals a brute-force computation (batch 2, left padding);
+    with ``sink_keys`` the pairs with key position ``n < sink_keys`` are in ``sink_stats`` only."""
     model = tiny(kv_heads)
     length = 40
     ids = torch.randint(0, 97, (2, length))
     am = torch.ones(2, length, dtype=torch.long)
     am[1, :5] = 0
     rows = torch.tensor([[0, 3, 10, 20, 39], [5, 9, 17, 30, -1]])
-    collector, plan, rec = run_collector(model, ids, am, rows, keys_per_bin=None, chunk_elements=300)
-    reference = brute_force(rec, rows, am, num_bins_for(length), plan)
+    collector, plan, rec = run_collector(
+        model, ids, am, rows, keys_per_bin=None, chunk_elements=300, sink_keys=sink_keys
+    )
+    reference, sink_reference = brute_force(rec, rows, am, num_bins_for(length), plan, sink_keys)
     assert_stats_close(collector.stats, reference)
+    if sink_keys:
+        assert collector.sink_stats is not None
+        assert float(sink_reference.moments.abs().sum()) > 0
+        assert_stats_close(collector.sink_stats, sink_reference)
+        assert collector.stats.sink_mass.shape[-1] == sink_keys and float(collector.stats.sink_mass.sum()) > 0
+    else:
+        assert collector.sink_stats is None and float(sink_reference.moments.abs().sum()) == 0.0
     assert float(collector.stats.rows) == 9.0
     # the null distances of a sequence are a permutation of its pooled valid (row, distance) pairs
     for b in range(2):

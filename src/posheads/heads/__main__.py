@@ -38,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tau", type=float, default=0.5)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sink-keys",
+        type=int,
+        default=HeadsConfig.sink_keys,
+        help="leave the keys at positions n < k out of every statistic (default %(default)s; 0 = every key)",
+    )
     p.add_argument("--no-plots", action="store_true")
     return p
 
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         tau=args.tau,
         batch_size=args.batch_size,
         seed=args.seed,
+        sink_keys=args.sink_keys,
     )
     model_cfg = ModelConfig(name_or_path=args.model)
     model = load_model(model_cfg)
@@ -96,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         json.dumps({"hda_positional": summary["hda_positional"], "hda_other": summary["hda_other"]}, indent=1)
     )
+    print(json.dumps({"sinks": summary["sinks"]}, indent=1))
     print("wrote", ", ".join(str(p) for p in paths.values()))
 
 

@@ -46,6 +46,11 @@ class HeadsConfig:
         seed: seeds rows, key sampling and the permuted-position null.
         chunk_elements: memory bound of one statistics chunk (``heads x bins x rows x keys x pairs``).
         profile_head: ``(layer, head)`` for the per-pair contribution plot; ``None`` = the top-scoring head.
+        sink_keys: ``k``: the keys at positions ``n < k`` (attention sinks: the first token(s), which many heads
+            attend to whatever the distance) are left out of every statistic -- scores, null, HDA, pair
+            profiles. They are accumulated exactly on the side, so the analysis also reports every head's
+            score with them (``score_with_sinks``) and its attention share on the first ``max(k, 1)`` keys
+            (``sink_share``). ``0`` keeps every key. Default 1 (evidence in docs/definitions.md).
     """
 
     rows_per_sequence: int = 64
@@ -67,6 +72,7 @@ class HeadsConfig:
     seed: int = 0
     chunk_elements: int = 1 << 20
     profile_head: tuple[int, int] | None = None
+    sink_keys: int = 1
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False, minimum: int = 1) -> None:
@@ -81,6 +87,7 @@ class HeadsConfig:
         positive_int("num_bins", allow_none=True)
         positive_int("batch_size")
         positive_int("chunk_elements")
+        positive_int("sink_keys", minimum=0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"heads.seed={self.seed!r} must be an int >= 0")
         if self.score not in SCORE_VARIANTS:
@@ -128,9 +135,14 @@ class HeadsConfig:
                 )
             self.profile_head = (int(ph[0]), int(ph[1]))
 
-    def validate_for(self, num_layers: int, num_heads: int, head_dim: int) -> None:
-        """Check the model-dependent options (head indices, pair index) against a model's shape (``head_dim``:
-        the rotary width, twice the number of RoPE pairs)."""
+    def validate_for(self, num_layers: int, num_heads: int, head_dim: int, length: int | None = None) -> None:
+        """Check the model-dependent options (head indices, pair index, sink keys) against a model's shape
+        (``head_dim``: the rotary width, twice the number of RoPE pairs) and the probe length."""
+        if length is not None and self.sink_keys >= length:
+            raise ValueError(
+                f"heads.sink_keys={self.sink_keys} leaves no key of a {length}-token probe sequence; "
+                f"it must be < {length}"
+            )
         if self.profile_head is not None:
             layer, head = self.profile_head
             if not 0 <= layer < num_layers:

@@ -4,6 +4,11 @@
 the model over the probe set with a :class:`~posheads.heads.stats.PairStatsCollector` installed, then derives
 everything from the accumulated :class:`~posheads.heads.stats.PairStats` with :func:`analyze` -- which other
 code (a training callback merging statistics across processes) can call on its own sums.
+
+Attention sinks (``HeadsConfig.sink_keys = k``): every statistic leaves out the keys at positions ``n < k``;
+the same pass keeps their sums on the side, so :meth:`HeadAnalysis.with_sinks` is the complete analysis with
+every key (``sink_keys = 0``: its own selection, null and HDA), and the table carries both scores and each
+head's attention share on the first keys.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from posheads.heads.config import HeadsConfig
 from posheads.heads.hda import critical_pair_for, hda_area, hda_curves, hda_extension, set_average
 from posheads.heads.scores import (
     head_set,
+    jaccard,
     per_layer_counts,
     positional_scores,
     select_heads,
@@ -59,6 +65,12 @@ class HeadAnalysis:
             ``hda_mean`` their summaries.
         extra_scores: other score variants (and their nulls) for the table.
         meta: provenance (model, lengths, number of sequences, ...).
+        sink_share, sink_share_se: ``[NL, H]`` mean attention share of the first ``stats.sink_positions``
+            keys (``max(sink_keys, 1)``) over the sampled query rows, and its standard error.
+        sink_stats: the sums over the sink pairs (``None`` when ``config.sink_keys == 0``).
+        with_sinks_analysis: the analysis of ``stats + sink_stats`` with ``sink_keys = 0`` (``None`` when
+            ``config.sink_keys == 0`` -- then this analysis already has every key -- or the sink sums are
+            missing); see :meth:`with_sinks`.
     """
 
     config: HeadsConfig
@@ -76,6 +88,34 @@ class HeadAnalysis:
     hda_mean: torch.Tensor
     extra_scores: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    sink_share: torch.Tensor | None = None
+    sink_share_se: torch.Tensor | None = None
+    sink_stats: PairStats | None = None
+    with_sinks_analysis: HeadAnalysis | None = None
+
+    def __post_init__(self) -> None:
+        if self.sink_share is None or self.sink_share_se is None:
+            self.sink_share, self.sink_share_se = self.stats.sink_share()
+
+    def with_sinks(self) -> HeadAnalysis:
+        """The analysis over every key, sinks included (``sink_keys = 0``); ``self`` when it already is."""
+        if self.config.sink_keys == 0:
+            return self
+        if self.with_sinks_analysis is None:
+            raise ValueError(
+                f"heads.sink_keys={self.config.sink_keys}: the sink sums are missing, so the analysis with "
+                "sinks cannot be derived (pass sink_stats to analyze)"
+            )
+        return self.with_sinks_analysis
+
+    @property
+    def scores_with_sinks(self) -> torch.Tensor:
+        """The configured score over every key (NaN when the sink sums are missing)."""
+        if self.config.sink_keys == 0:
+            return self.scores
+        if self.with_sinks_analysis is None:
+            return torch.full_like(self.scores, float("nan"))
+        return self.with_sinks_analysis.scores
 
     @property
     def num_layers(self) -> int:
@@ -112,12 +152,12 @@ class HeadAnalysis:
 
     def table(self) -> list[dict[str, Any]]:
         """One row per head: layer, head, score, null, excess, z, positional, rank (1 = best by
-        ``config.rank_by``), HDA summaries, extras."""
-        order = torch.argsort(
-            torch.nan_to_num(self.ranking, nan=float("-inf")).flatten(), descending=True, stable=True
-        )
-        rank = torch.empty_like(order)
-        rank[order] = torch.arange(order.numel())
+        ``config.rank_by``), HDA summaries, the sink columns (``sink_share``, ``sink_share_se``,
+        ``score_with_sinks``, ``positional_with_sinks``, ``rank_with_sinks``), extras."""
+        full = self.with_sinks_analysis if self.config.sink_keys else self
+        rank_full = None if full is None else _ranks(full.ranking)
+        rank = _ranks(self.ranking)
+        assert self.sink_share is not None and self.sink_share_se is not None
         rows = []
         for layer in range(self.num_layers):
             for head in range(self.num_heads):
@@ -134,6 +174,13 @@ class HeadAnalysis:
                     "hda_extension_distance": int(self.hda_extension_distance[layer, head]),
                     "hda_area": _float(self.hda_area[layer, head]),
                     "hda_mean": _float(self.hda_mean[layer, head]),
+                    "sink_share": _float(self.sink_share[layer, head]),
+                    "sink_share_se": _float(self.sink_share_se[layer, head]),
+                    "score_with_sinks": None if full is None else _float(full.scores[layer, head]),
+                    "positional_with_sinks": None if full is None else bool(full.positional[layer, head]),
+                    "rank_with_sinks": None
+                    if rank_full is None
+                    else int(rank_full[layer * self.num_heads + head]) + 1,
                 }
                 for name, values in self.extra_scores.items():
                     row[name] = _float(values[layer, head])
@@ -145,7 +192,7 @@ class HeadAnalysis:
         finite = self.scores[torch.isfinite(self.scores)]
         null = self.null[torch.isfinite(self.null)]
         others = ~self.positional
-        return {
+        out = {
             "score": self.config.score,
             "i_c": self.i_c,
             "num_heads": self.scores.numel(),
@@ -159,9 +206,40 @@ class HeadAnalysis:
             "hda_positional": self.set_hda(self.positional),
             "hda_other": self.set_hda(others),
             "bin_edges": [list(e) for e in self.bin_edges()],
+            "sink_keys": self.config.sink_keys,
+            "sinks": self.sink_summary(),
             "meta": self.meta,
             "config": self.config.to_dict(),
         }
+        return out
+
+    def sink_summary(self) -> dict[str, Any]:
+        """Sink share (median over heads, mean over the Positional Heads and over the others, rows behind
+        each head's share) and, with ``sink_keys > 0``, the analysis with every key beside this one: its score
+        median, Positional set, per-layer counts and the overlap of the two sets."""
+        assert self.sink_share is not None
+        share = self.sink_share
+        out: dict[str, Any] = {
+            "keys": self.stats.sink_positions,
+            "rows": float(self.stats.rows),
+            "share_median": _float(share.nanmedian()),
+            "share_positional_mean": _float(set_average(share, self.positional)),
+            "share_other_mean": _float(set_average(share, ~self.positional)),
+        }
+        full = self.with_sinks_analysis if self.config.sink_keys else None
+        if full is not None:
+            finite = full.scores[torch.isfinite(full.scores)]
+            mine, theirs = set(self.positional_heads()), set(full.positional_heads())
+            out["with_sinks"] = {
+                "score_median": _float(finite.median()) if finite.numel() else None,
+                "null_mean": _float(full.null.nanmean()),
+                "positional_heads": [list(x) for x in full.positional_heads()],
+                "per_layer_counts": full.per_layer_counts(),
+                "shared_positional_heads": len(mine & theirs),
+                "jaccard": jaccard(self.positional, full.positional),
+                "sink_share_positional_mean": _float(set_average(share, full.positional)),
+            }
+        return out
 
     def save(self, out_dir: str | Path, plots: bool = True) -> dict[str, Path]:
         """Write ``heads.csv``, ``analysis.json``, ``stats.pt`` and (optionally) the PNG plots to ``out_dir``."""
@@ -180,15 +258,23 @@ class HeadAnalysis:
             for layer in range(self.num_layers)
         ]
         paths["json"].write_text(json.dumps(payload, indent=1, allow_nan=False, default=str))
-        torch.save(
-            {"stats": self.stats.state_dict(), "config": self.config.to_dict(), "meta": self.meta},
-            paths["stats"],
-        )
+        saved = {"stats": self.stats.state_dict(), "config": self.config.to_dict(), "meta": self.meta}
+        if self.sink_stats is not None:
+            saved["sink_stats"] = self.sink_stats.state_dict()
+        torch.save(saved, paths["stats"])
         if plots:
             from posheads.heads.plots import save_all_plots
 
             paths.update(save_all_plots(self, out))
         return paths
+
+
+def _ranks(values: torch.Tensor) -> torch.Tensor:
+    """0-based rank of every head (flattened) by ``values``, descending, NaN last."""
+    order = torch.argsort(torch.nan_to_num(values, nan=float("-inf")).flatten(), descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel())
+    return rank
 
 
 def _float(x: Any) -> float | None:
@@ -201,10 +287,24 @@ def _floats(t: torch.Tensor) -> list[float | None]:
 
 
 def analyze(
-    stats: PairStats, cfg: HeadsConfig, i_c: int | list[int], meta: dict[str, Any] | None = None
+    stats: PairStats,
+    cfg: HeadsConfig,
+    i_c: int | list[int],
+    meta: dict[str, Any] | None = None,
+    *,
+    sink_stats: PairStats | None = None,
 ) -> HeadAnalysis:
-    """Scores, null, z, selection and HDA from accumulated sums (pure)."""
+    """Scores, null, z, selection and HDA from accumulated sums (pure).
+
+    ``stats`` are the sums without the sink pairs (``cfg.sink_keys``); ``sink_stats`` the sink pairs' sums
+    (from the same pass), from which the analysis with every key (:meth:`HeadAnalysis.with_sinks`) is derived.
+    """
+    import dataclasses
+
     stats = stats.to("cpu")
+    full = None
+    if cfg.sink_keys and sink_stats is not None:
+        full = analyze(stats + sink_stats.to("cpu"), dataclasses.replace(cfg, sink_keys=0), i_c, meta)
     kwargs: dict[str, Any] = {"i_c": i_c, "per_pair_distance": cfg.per_pair_distance}
     scores = positional_scores(stats, cfg.score, **kwargs)
     null = positional_scores(stats, cfg.score, null=True, **kwargs)
@@ -242,6 +342,8 @@ def analyze(
         hda_mean=mean,
         extra_scores=extra,
         meta=dict(meta or {}),
+        sink_stats=None if sink_stats is None else sink_stats.to("cpu"),
+        with_sinks_analysis=full,
     )
 
 
@@ -272,6 +374,7 @@ def collector_for_config(
         chunk_elements=cfg.chunk_elements,
         seed=cfg.seed,
         device=device if device is not None else next(model.parameters()).device,
+        sink_keys=cfg.sink_keys,
     )
 
 
@@ -307,8 +410,8 @@ def identify_positional_heads(
     first = next(iter(modules.values()))
     rope = model_rope(model)  # derived from the config and verified on the model (position-shift check)
     head_dim = rope.head_dim
-    cfg.validate_for(max(modules) + 1, int(first.config.num_attention_heads), 2 * rope.num_pairs)
     n_seq, length = sequences.shape
+    cfg.validate_for(max(modules) + 1, int(first.config.num_attention_heads), 2 * rope.num_pairs, length)
     device = next(model.parameters()).device
     collector = collector_for_config(model, cfg, length, device)
     decoder = _decoder(model)
@@ -352,4 +455,4 @@ def identify_positional_heads(
         "rows_accumulated": float(collector.stats.rows),
         "stats_seconds": collector.seconds,
     }
-    return analyze(collector.stats, cfg, i_c, meta)
+    return analyze(collector.stats, cfg, i_c, meta, sink_stats=collector.sink_stats)

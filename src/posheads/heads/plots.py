@@ -12,7 +12,13 @@ from posheads.plotting import pyplot
 if TYPE_CHECKING:
     from posheads.heads.identify import HeadAnalysis
 
-__all__ = ["plot_hda_curves", "plot_pair_profile", "plot_score_heatmap", "save_all_plots"]
+__all__ = [
+    "plot_hda_curves",
+    "plot_pair_profile",
+    "plot_score_heatmap",
+    "plot_sink_heatmap",
+    "save_all_plots",
+]
 
 
 def _bin_labels(analysis: HeadAnalysis) -> list[str]:
@@ -32,7 +38,39 @@ def plot_score_heatmap(analysis: HeadAnalysis, path: str | Path) -> Path:
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
     what = "score - null" if analysis.config.rank_by == "excess" else "score"
-    ax.set_title(f"{analysis.config.score}: {what} (red: Positional Heads)", fontsize=9)
+    ax.set_title(
+        f"{analysis.config.score}: {what}, sink_keys={analysis.config.sink_keys} (red: Positional Heads)",
+        fontsize=9,
+    )
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_sink_heatmap(analysis: HeadAnalysis, path: str | Path) -> Path:
+    """Layer x head heat-map of the attention share on the first key(s) (the sink share); Positional Heads
+    outlined."""
+    plt = pyplot()
+    assert analysis.sink_share is not None
+    values = analysis.sink_share.numpy()
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * analysis.num_heads, 1.0 + 0.28 * analysis.num_layers))
+    im = ax.imshow(values, aspect="auto", cmap="magma", origin="lower", vmin=0.0, vmax=1.0)
+    for layer, head in analysis.positional_heads():
+        ax.add_patch(
+            plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5)
+        )
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    keys = analysis.stats.sink_positions
+    first = "key 0" if keys == 1 else f"keys 0..{keys - 1}"
+    ax.set_title(
+        f"attention share on {first} ({int(float(analysis.stats.rows))} query rows; "
+        f"sink_keys={analysis.config.sink_keys}; cyan: Positional Heads)",
+        fontsize=8,
+    )
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path = Path(path)
@@ -121,6 +159,7 @@ def save_all_plots(analysis: HeadAnalysis, out_dir: str | Path) -> dict[str, Pat
     out = Path(out_dir)
     return {
         "heatmap": plot_score_heatmap(analysis, out / "scores_heatmap.png"),
+        "sink_heatmap": plot_sink_heatmap(analysis, out / "sink_share_heatmap.png"),
         "hda": plot_hda_curves(analysis, out / "hda_curves.png"),
         "profile": plot_pair_profile(analysis, out / "pair_profile.png"),
     }

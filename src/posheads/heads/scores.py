@@ -95,6 +95,9 @@ def _select_bins(stats: PairStats, bins: slice | None) -> PairStats:
         p=stats.p[..., bins, :, :],
         moments=stats.moments[..., bins, :, :],
         rows=stats.rows,
+        content=None if stats.content is None else stats.content[..., bins, :],
+        sink_mass=stats.sink_mass,
+        sink_sq=stats.sink_sq,
     )
 
 

@@ -124,6 +124,11 @@ class PairStats:
         content: ``[W, NL, H, NB, 3]``: ``sum w c``, ``sum w |c|`` and ``sum w sum_i |g_i|`` with ``c`` the
             pass-through ("content") logit contribution (0 for fully rotary heads); the content share of the
             logit magnitude is ``content[..., 1] / (content[..., 1] + content[..., 2])``.
+        sink_mass: ``[NL, H, S]`` ``sum_rows a(m, n)`` for the first ``S`` key positions ``n = 0 .. S-1``
+            (exact: from the full attention row, whatever ``keys_per_bin``); ``sink_mass / rows`` is the mean
+            attention share of key ``n`` over the sampled query rows.
+        sink_sq: ``[NL, H]`` ``sum_rows (sum_{n < S} a(m, n))^2`` (the per-row sink share's second moment, for
+            its standard error).
     """
 
     dom: torch.Tensor
@@ -134,10 +139,18 @@ class PairStats:
     moments: torch.Tensor
     rows: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     content: torch.Tensor | None = None
+    sink_mass: torch.Tensor = None  # type: ignore[assignment]  # zeros [NL, H, 1] when not given
+    sink_sq: torch.Tensor = None  # type: ignore[assignment]  # zeros [NL, H] when not given
 
     def __post_init__(self) -> None:
-        if self.content is None:  # statistics saved before the content sums existed
+        # statistics saved before the content / sink sums existed get zeros
+        if self.content is None:
             self.content = torch.zeros((*self.dom.shape[:4], 3), dtype=torch.float64, device=self.dom.device)
+        shape = self.dom.shape[1:3]
+        if self.sink_mass is None:
+            self.sink_mass = torch.zeros((*shape, 1), dtype=torch.float64, device=self.dom.device)
+        if self.sink_sq is None:
+            self.sink_sq = torch.zeros(shape, dtype=torch.float64, device=self.dom.device)
 
     def content_share(self, weighting: int = 1) -> torch.Tensor:
         """``[NL, H, NB]`` share of the logit magnitude carried by the pass-through components (NaN: no mass)."""
@@ -147,7 +160,13 @@ class PairStats:
 
     @classmethod
     def zeros(
-        cls, num_layers: int, num_heads: int, num_bins: int, num_pairs: int, device: Any = None
+        cls,
+        num_layers: int,
+        num_heads: int,
+        num_bins: int,
+        num_pairs: int,
+        device: Any = None,
+        sink_positions: int = 1,
     ) -> PairStats:
         def z(*shape: int) -> torch.Tensor:
             return torch.zeros(shape, dtype=torch.float64, device=device)
@@ -162,6 +181,8 @@ class PairStats:
             moments=z(*base, len(DIST_TERMS), len(FEATURE_TERMS)),
             rows=z(),
             content=z(*base, 3),
+            sink_mass=z(num_layers, num_heads, sink_positions),
+            sink_sq=z(num_layers, num_heads),
         )
 
     @property
@@ -212,12 +233,33 @@ class PairStats:
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> PairStats:
+        """Inverse of :meth:`state_dict` (sums saved before the sink fields existed get zero sink sums)."""
         return cls(**{f.name: state[f.name].to(torch.float64) for f in fields(cls) if f.name in state})
 
     # ---- convenient views (all float64)
     def mass(self, weighting: int = WEIGHTED) -> torch.Tensor:
         """``[NL, H, NB]`` total weight per bin (attention mass, or pair count for ``weighting=0``)."""
         return self.moments[weighting, ..., 0, 0]
+
+    @property
+    def sink_positions(self) -> int:
+        """Number of first key positions whose attention mass is recorded (``sink_mass.shape[-1]``)."""
+        return self.sink_mass.shape[-1]
+
+    def sink_share(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(share, standard error)`` ``[NL, H]``: mean over the sampled query rows of the attention on the
+        first :attr:`sink_positions` keys, and the standard error of that mean (``rows`` rows, treated as
+        independent; NaN with fewer than 2 rows)."""
+        n = float(self.rows)
+        if n < 1:
+            nan = torch.full(self.sink_sq.shape, float("nan"), dtype=torch.float64)
+            return nan, nan.clone()
+        total = self.sink_mass.sum(-1)
+        mean = total / n
+        if n < 2:
+            return mean, torch.full_like(mean, float("nan"))
+        var = ((self.sink_sq - n * mean.square()) / (n - 1)).clamp(min=0)
+        return mean, (var / n).sqrt()
 
 
 def all_reduce(stats: PairStats, group: Any = None) -> PairStats:
@@ -295,9 +337,12 @@ class _Rows:
     batch: torch.Tensor  # [N] batch index
     pos: torch.Tensor  # [N] query position m (sorted ascending)
     q: torch.Tensor  # [H, N, d] post-RoPE query (half layout, float32)
-    a_delta: torch.Tensor  # [H, N, Lmax] attention probability of the key at distance delta (0 if invalid)
-    valid_delta: torch.Tensor  # [N, Lmax] float: 1 where the key at distance delta is attendable
+    a_delta: torch.Tensor  # [H, N, Lmax] attention probability of the key at distance delta (0 if invalid
+    # or a sink key: the probabilities are normalised over every attendable key, sinks included)
+    valid_delta: torch.Tensor  # [N, Lmax] float: 1 where the key at distance delta is attendable, not a sink
     null_delta: torch.Tensor  # [N, Lmax] long: permuted distance delta' (valid entries only)
+    sink_a: torch.Tensor  # [H, N, S] attention probability of key position n = 0 .. S-1 (0 if not attendable)
+    sink_valid: torch.Tensor  # [N, S] float: 1 where key position n = 0 .. S-1 is attendable from the row
 
 
 @dataclass
@@ -363,6 +408,11 @@ class PairStatsCollector:
             its number of pairs times 2), or ``"half"`` / ``"interleaved"`` for a fully rotary head.
         chunk_elements: bound on ``heads x rows x keys x pairs`` elements per chunk (memory/speed trade-off).
         seed: base seed of automatic plans.
+        sink_keys: ``k``: the (query, key) pairs with key position ``n < k`` (attention sinks) are left out of
+            :attr:`stats` and accumulated exactly (every such key, never sampled) into :attr:`sink_stats`, so
+            ``stats + sink_stats`` are the sums over all keys. The attention probabilities stay the model's
+            (normalised over every key). ``stats.sink_mass`` records the attention on the first
+            ``max(k, 1)`` positions.
     """
 
     def __init__(
@@ -379,6 +429,7 @@ class PairStatsCollector:
         chunk_elements: int = 1 << 20,
         seed: int = 0,
         device: Any = None,
+        sink_keys: int = 0,
     ) -> None:
         if not isinstance(layout, str) and layout.num_pairs * 2 != head_dim:
             raise ValueError(
@@ -392,6 +443,8 @@ class PairStatsCollector:
             raise ValueError(f"temperature={temperature!r} must be > 0")
         if num_bins < 1:
             raise ValueError(f"num_bins={num_bins!r} must be >= 1")
+        if not isinstance(sink_keys, int) or isinstance(sink_keys, bool) or sink_keys < 0:
+            raise ValueError(f"sink_keys={sink_keys!r} must be an int >= 0")
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_pairs = head_dim // 2
@@ -402,24 +455,27 @@ class PairStatsCollector:
         self.layout = layout
         self.chunk_elements = int(chunk_elements)
         self.seed = seed
-        self.stats = PairStats.zeros(num_layers, num_heads, num_bins, self.num_pairs, device=device)
+        self.sink_keys = sink_keys
+        self.sink_positions = max(sink_keys, 1)
+        self.stats = self._zeros(num_layers, device)
+        #: sums over the sink pairs (key position ``n < sink_keys``); ``None`` when ``sink_keys == 0``
+        self.sink_stats: PairStats | None = self._zeros(num_layers, device) if sink_keys else None
         self.plan: RowPlan | None = None
         self._auto_forwards = 0
         self._auto = False
         self.seconds = 0.0  # wall time spent inside the hook (the statistics pass's own cost)
 
-    def reset(self) -> PairStats:
-        """Return the accumulated statistics and start from zero."""
-        out, self.stats = (
-            self.stats,
-            PairStats.zeros(
-                self.stats.num_layers,
-                self.num_heads,
-                self.num_bins,
-                self.num_pairs,
-                device=self.stats.dom.device,
-            ),
+    def _zeros(self, num_layers: int, device: Any) -> PairStats:
+        return PairStats.zeros(
+            num_layers, self.num_heads, self.num_bins, self.num_pairs, device, self.sink_positions
         )
+
+    def reset(self) -> PairStats:
+        """Return the accumulated statistics (:attr:`stats`) and start from zero (sink sums included)."""
+        device = self.stats.dom.device
+        out, self.stats = self.stats, self._zeros(self.stats.num_layers, device)
+        if self.sink_stats is not None:
+            self.sink_stats = self._zeros(self.stats.num_layers, device)
         return out
 
     # ---- plan handling
@@ -446,19 +502,31 @@ class PairStatsCollector:
             return None
         started = time.perf_counter()
         with torch.no_grad():
-            rows = self._prepare_rows(call, plan)
+            k = self._to_pairs(call.key, call.layer_idx)
+            rows = self._prepare_rows(call, plan, k)
             if rows is not None:
+                layer = call.layer_idx
+                k_flat, seq = self._flat_keys(k), k.shape[2]
                 sums = _LayerSums(self.num_heads, self.num_bins, self.num_pairs, call.query.device)
-                self._accumulate_layer(call, rows, plan, sums)
-                sums.add_to(self.stats, call.layer_idx)
+                self._accumulate_layer(layer, k_flat, seq, rows, plan, sums)
+                sums.add_to(self.stats, layer)
+                if self.sink_stats is not None:
+                    sink_sums = _LayerSums(self.num_heads, self.num_bins, self.num_pairs, call.query.device)
+                    self._block(sink_sums, rows, k_flat, seq, self._sink_block(rows))
+                    sink_sums.add_to(self.sink_stats, layer)
+                dev = self.stats.sink_mass.device
+                self.stats.sink_mass[layer] += rows.sink_a.sum(1).to(dev, torch.float64)
+                self.stats.sink_sq[layer] += rows.sink_a.sum(-1).double().square().sum(1).to(dev)
         if not plan.done_layers:
-            self.stats.rows += float((plan.rows >= 0).sum())
+            self.stats.rows += float((plan.rows >= 0).sum())  # (sink_stats.rows stays 0: stats + sink_stats)
         plan.done_layers.add(call.layer_idx)
         self.seconds += time.perf_counter() - started
         return None
 
     # ---- per-layer preparation: rows, attention probabilities, null permutation
-    def _prepare_rows(self, call: AttentionCall, plan: RowPlan) -> _Rows | None:
+    def _prepare_rows(self, call: AttentionCall, plan: RowPlan, k: torch.Tensor) -> _Rows | None:
+        """Sampled rows, their exact attention rows over the keys ``k`` (half layout ``[B, Hkv, L, d]``),
+        the sink keys' attention and the null permutation."""
         device = call.query.device
         bsz, n_heads, seq, _ = call.query.shape
         if n_heads != self.num_heads:
@@ -483,7 +551,6 @@ class PairStatsCollector:
                 "probabilities do not model them"
             )
         q = self._to_pairs(call.query, call.layer_idx)
-        k = self._to_pairs(call.key, call.layer_idx)
         n_kv = k.shape[1]
         groups = n_heads // n_kv
         q_rows = q[b_idx, :, pos].float().transpose(0, 1).contiguous()  # [N, H, d] -> [H, N, d]
@@ -513,10 +580,20 @@ class PairStatsCollector:
             else:
                 a_delta[:, sel] = probs
         assert a_delta is not None
-        valid_f = valid_delta.float()
+        # the null permutes the distances of every valid pair, sink pairs included (one draw serves the
+        # statistics with and without sinks; restricted to the non-sink pairs it is still independent of them)
         null_delta = self._null_deltas(plan, call.layer_idx, valid_delta, b_idx)
         plan._null[call.layer_idx] = (null_delta, (b_idx.tolist(), pos.tolist()))
-        return _Rows(b_idx, pos, q_rows, a_delta, valid_f, null_delta)
+        s = self.sink_positions
+        sink_delta = pos[:, None] - torch.arange(s, device=device)[None, :]  # [N, S] distance of key n
+        sink_ok = (sink_delta >= 0) & (sink_delta < l_max)
+        sink_ok &= valid_delta.gather(1, sink_delta.clamp(0, l_max - 1))
+        sink_a = a_delta.gather(2, sink_delta.clamp(0, l_max - 1).unsqueeze(0).expand(n_heads, -1, -1))
+        sink_a = sink_a * sink_ok  # [H, N, S]
+        if self.sink_keys:  # the sink pairs leave every statistic of `stats` (they go to `sink_stats`)
+            valid_delta = valid_delta & (n_of >= self.sink_keys)
+            a_delta = a_delta * valid_delta
+        return _Rows(b_idx, pos, q_rows, a_delta, valid_delta.float(), null_delta, sink_a, sink_ok.float())
 
     @staticmethod
     def _null_deltas(
@@ -559,14 +636,20 @@ class PairStatsCollector:
         return to_half_layout(x, rope)
 
     # ---- the layer's statistics
-    def _accumulate_layer(self, call: AttentionCall, rows: _Rows, plan: RowPlan, sums: _LayerSums) -> None:
-        k = self._to_pairs(call.key, call.layer_idx).float()  # [B, Hkv, L, d]
+    @staticmethod
+    def _flat_keys(k: torch.Tensor) -> torch.Tensor:
+        """``[B, Hkv, L, d]`` -> float32 ``[Hkv, B*L, d]``."""
         bsz, n_kv, seq, d = k.shape
-        k_flat = k.transpose(0, 1).reshape(n_kv, bsz * seq, d)  # [Hkv, B*L, d]
+        return k.float().transpose(0, 1).reshape(n_kv, bsz * seq, d)
+
+    def _accumulate_layer(
+        self, layer: int, k_flat: torch.Tensor, seq: int, rows: _Rows, plan: RowPlan, sums: _LayerSums
+    ) -> None:
+        """The non-sink keys of the rows (all, or sampled per bin) into ``sums``; ``k_flat [Hkv, B*L, d]``."""
         if self.keys_per_bin is None:
             blocks = self._exact_blocks(rows)
         else:
-            gen = torch.Generator().manual_seed(int(plan.seed) * 1009 + call.layer_idx + 1)
+            gen = torch.Generator().manual_seed(int(plan.seed) * 1009 + layer + 1)
             blocks = self._sampled_blocks(rows, self.keys_per_bin, gen)
         for block in blocks:
             self._block(sums, rows, k_flat, seq, block)
@@ -579,6 +662,24 @@ class PairStatsCollector:
                 break
             out.append((b, lo, l_max if b == self.num_bins - 1 else min(hi, l_max)))
         return out
+
+    def _sink_block(self, rows: _Rows) -> _Block:
+        """The sink keys ``n < sink_keys`` of every row, enumerated exactly: one block over every present bin
+        with ``sink_keys`` slots per (bin, row), each slot weighted only in the bin of its distance."""
+        l_max = rows.valid_delta.shape[1]
+        device = rows.valid_delta.device
+        s = self.sink_keys
+        present = self._bins_present(l_max)
+        delta = (rows.pos[:, None] - torch.arange(s, device=device)[None, :]).clamp(min=0)  # [N, s]
+        bins = torch.tensor([b for b, _, _ in present], device=device).view(-1, 1, 1)
+        here = (distance_bin(delta, self.num_bins).unsqueeze(0) == bins).float()  # [nb, N, s]
+        here = here * rows.sink_valid[:, :s]  # attendable sink keys only
+        return _Block(
+            delta=delta.expand(1, len(present), -1, -1),
+            w_u=here.unsqueeze(0),
+            w_a=rows.sink_a[..., :s].unsqueeze(1) * here.unsqueeze(0),  # [H, nb, N, s]
+            first_bin=present[0][0],
+        )
 
     def _exact_blocks(self, rows: _Rows) -> list[_Block]:
         """Every key of every row: one block per bin (``keys_per_bin=None``)."""
