@@ -116,7 +116,7 @@ def test_window_layout_keys_questions_and_spans():
         assert max(k["answer_start"] + k["answer_len"] for k in w["keys"] if k["length"] == ql) == ql
     # document spans: the documents' own tokens, in order, never inside an inserted block
     covered = torch.zeros(1024, dtype=torch.bool)
-    for name, s, e in w["spans"]:
+    for _name, s, e in w["spans"]:
         assert not covered[s:e].any()
         covered[s:e] = True
     for s, e in w["inserted"]:
@@ -340,9 +340,9 @@ def test_end_to_end_tiny(tmp_path, capsys):
     assert proto["rope_scaling"]["method"] == "yarn" and proto["factor"] == 2.0
     window_docs = {s[0] for w in proto["windows"] for s in w["spans"]}
     assert window_docs and not window_docs & set(proto["probe_documents"])
-    assert [b["bucket"] for b in res["perplexity"]] == ["0-512", "512-768", "768-1024"]
+    assert [b["bucket"] for b in res["perplexity"]] == ["0-2304", "2304-3456", "3456-4608"]
     assert all(b["documents"] >= 1 and b["ppl_lo"] <= b["ppl"] <= b["ppl_hi"] for b in res["perplexity"])
-    assert [p["length"] for p in res["passkey"]] == [512, 768, 1024]
+    assert [p["length"] for p in res["passkey"]] == [2304, 3456, 4608]
     for v in cfg.identify.variants:
         h = res["hda"][v]
         assert h["area"]["n"] == len(h["heads"]) > 0 and len(h["curve"]) == len(h["bin_edges"])
