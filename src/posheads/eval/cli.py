@@ -3,17 +3,20 @@ measure long-input perplexity, passkey and needle accuracy across lengths.
 
 Order of work (everything that can fail on bad input fails before the weights are loaded):
 
-1. parse and validate the configuration (:class:`posheads.eval.config.EvalConfig`);
+1. parse and validate the configuration (:class:`posheads.eval.config.EvalConfig`); check that
+   ``output.dir`` is writable and, with ``output.resume``, that its ``results.json`` is readable and was made
+   with the same protocol; read a previous head table if one is given;
 2. read the model's *config* (not its weights) and the tokenizer; check head indices, ``i_c`` and lengths
-   against the model (``length_policy``); tokenise the corpus and check that every length has documents
-   long enough; read a previous head table if one is given;
+   against the model (``length_policy``) and that a head table was identified on this model; tokenise the
+   corpus and check that every length has documents long enough;
 3. load the model, run the ``heads`` task (identification: table + plots in the run directory), build the
    ablation conditions, then ``perplexity``, ``passkey`` and ``needle``; every finished row is appended
    to ``results.json`` at once (atomic rewrite);
 4. plots, a printed summary table, and the same to W&B when ``output.wandb`` is set.
 
 Dotted overrides work on the command line (``--perplexity.lengths '[512,1024]' --sweep.max_rows 1``);
-``--print_config`` prints the resolved configuration.
+``--print_config`` prints the resolved configuration. Bad input is reported as one line, ``error:
+<option>=<value>: <reason>`` (exit status 2); ``--traceback`` or ``POSHEADS_TRACEBACK=1`` shows the traceback.
 """
 
 from __future__ import annotations
@@ -36,11 +39,12 @@ import torch
 from tqdm.auto import tqdm
 
 from posheads.data import TokenizedDocument, load_token_documents
+from posheads.errors import ConfigError, located, run_cli, user_input
 from posheads.eval.conditions import NONE, Condition, ConditionRunner, no_ablation
 from posheads.eval.config import EvalConfig
 from posheads.eval.perplexity import evaluate_perplexity_lengths, perplexity_intervals
 from posheads.eval.plots import plot_results, summary_tables
-from posheads.eval.results import ResultsFile, package_versions
+from posheads.eval.results import ResultsFile, load_results, package_versions
 from posheads.eval.sweep import (
     ModelShape,
     build_conditions,
@@ -69,6 +73,7 @@ def build_parser() -> Any:
         description=(EvalConfig.__doc__ or "").split("\n\n")[0],
         env_prefix="POSHEADS_EVAL",
         default_env=False,
+        exit_on_error=False,
     )
     parser.add_argument(
         "--config", action=ActionConfigFile, help="YAML configuration file (configs/eval/*.yaml)"
@@ -79,11 +84,60 @@ def build_parser() -> Any:
 
 def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     """Parse ``argv`` (default ``sys.argv[1:]``) into a validated :class:`EvalConfig`."""
+    import argparse
+
+    from posheads.errors import from_argparse
+
     parser = build_parser()
-    ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    init = parser.instantiate(ns)
-    values = {f.name: getattr(init, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(init, f.name)}
-    return EvalConfig(**values)
+    try:
+        ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
+    except argparse.ArgumentError as err:
+        known = _flatten(parser.get_defaults().as_dict())
+        raise from_argparse(err, known) from None
+    values = ns.as_dict()
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    return config_from_dict({k: v for k, v in values.items() if k in names})
+
+
+def config_from_dict(values: dict[str, Any]) -> EvalConfig:
+    """Build the :class:`EvalConfig` of a parsed config section by section, so that every validation error
+    names the option path as it is written in an evaluation config (``heads.analysis.top_fraction``,
+    ``needle.haystack.kind``), as a :class:`~posheads.errors.ConfigError`."""
+    from posheads.data import CorpusConfig
+    from posheads.eval import config as ec
+    from posheads.heads import HeadsConfig
+    from posheads.rope import RopeScaling
+
+    def build(cls: type, value: Any, *moves: tuple[str, str]) -> Any:
+        if not isinstance(value, dict):
+            return value
+        with located(*moves):
+            return cls(**value)
+
+    out = dict(values)
+    out["model"] = build(ModelConfig, out.get("model"))
+    out["rope"] = build(RopeScaling, out.get("rope"))
+    out["corpus"] = build(CorpusConfig, out.get("corpus"))
+    if isinstance(out.get("heads"), dict):
+        heads = dict(out["heads"])
+        heads["analysis"] = build(HeadsConfig, heads.get("analysis"), ("heads", "heads.analysis"))
+        out["heads"] = build(ec.IdentifySettings, heads)
+    if isinstance(out.get("needle"), dict):
+        needle = dict(out["needle"])
+        needle["haystack"] = build(CorpusConfig, needle.get("haystack"), ("corpus", "needle.haystack"))
+        out["needle"] = build(ec.NeedleSettings, needle)
+    if isinstance(out.get("output"), dict):
+        output = dict(out["output"])
+        output["wandb"] = build(ec.WandbSettings, output.get("wandb"), ("wandb", "output.wandb"))
+        out["output"] = build(ec.OutputSettings, output)
+    for name, cls in (
+        ("perplexity", ec.PerplexitySettings),
+        ("passkey", ec.PasskeySettings),
+        ("sweep", ec.SweepSettings),
+    ):
+        out[name] = build(cls, out.get(name))
+    with located():
+        return EvalConfig(**out)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -172,6 +226,9 @@ class Prepared:
     head_table: list[dict[str, Any]] | None = None
     warnings: list[str] = field(default_factory=list)
     probe_documents: list[TokenizedDocument] = field(default_factory=list)
+    identity: dict[str, Any] = field(default_factory=dict)
+    resume_changes: dict[str, Any] = field(default_factory=dict)
+    table_differs: list[str] = field(default_factory=list)
 
 
 def recorded_probes(path: str | os.PathLike) -> list[str] | None:
@@ -264,19 +321,154 @@ def _check_retrieval(cfg: EvalConfig, tokenizer: Any, haystack: torch.Tensor | N
             )
 
 
+#: Options that may change when a run is resumed: they say which work is done and where it goes, not how the
+#: numbers are made (a head table read from elsewhere is checked by the conditions it gives, head by head).
+RESUME_FREE = (
+    "output",
+    "progress",
+    "threads",
+    "tasks",
+    "heads.from_results",
+    "heads.plots",
+    "heads.allow_other_model",
+)
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: value}
+
+
+def _plain(value: Any) -> Any:
+    from posheads.eval.results import _jsonable
+
+    return json.loads(json.dumps(_jsonable(value), default=str))
+
+
+def check_output(cfg: EvalConfig) -> dict[str, Any]:
+    """``output.dir`` is writable; with ``output.resume``, its ``results.json`` is readable and was made with
+    the same protocol (every option except :data:`RESUME_FREE`). Returns the options that differ (``{option: {before, after}}``; non-empty only with
+    ``output.allow_protocol_change``)."""
+    import tempfile
+
+    out_dir = Path(cfg.output.dir)
+    try:  # the run creates it anyway; a test file proves it writable (os.access says yes to root everywhere)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise ConfigError(
+            "output.dir",
+            cfg.output.dir,
+            f"is not a writable directory ({type(err).__name__}: {err.strerror or err})",
+            hint="choose a directory you can write to",
+        ) from err
+    path = out_dir / "results.json"
+    if not cfg.output.resume or not path.exists():
+        return {}
+    try:
+        old = load_results(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            "output.resume",
+            True,
+            f"{path} cannot be read ({type(err).__name__}: {err})",
+            hint="set output.resume=false to start afresh (the unreadable file is kept as "
+            "results.replaced-<time>.json), or repair / remove it",
+        ) from err
+    before = (old.get("protocol") or {}).get("config")
+    if not isinstance(before, dict):
+        if any(old.get(s) for s in ("perplexity", "passkey", "needle")):
+            raise ConfigError(
+                "output.resume",
+                True,
+                f"{path} holds rows but records no configuration to compare with",
+                hint="use a new output.dir, or output.resume=false",
+            )
+        return {}
+    a, b = _flatten(_plain(before)), _flatten(_plain(_config_dict(cfg)))
+    defaults = _flatten(_plain(_config_dict(EvalConfig())))
+    missing = object()
+    changes: dict[str, Any] = {}
+    for key in sorted(set(a) | set(b)):
+        if any(key == f or key.startswith(f + ".") for f in RESUME_FREE):
+            continue
+        old_value, new_value = a.get(key, missing), b.get(key, missing)
+        if old_value is missing and new_value == defaults.get(key, missing):
+            continue  # an option added since that run, at its default
+        if old_value != new_value:
+            changes[key] = {
+                "before": None if old_value is missing else old_value,
+                "after": None if new_value is missing else new_value,
+            }
+    if changes and not cfg.output.allow_protocol_change:
+        listed = ", ".join(f"{k} ({v['before']!r} -> {v['after']!r})" for k, v in list(changes.items())[:6])
+        more = f" and {len(changes) - 6} more" if len(changes) > 6 else ""
+        raise ConfigError(
+            "output.resume",
+            True,
+            f"{path} was made with another protocol: {listed}{more}",
+            hint="use a new output.dir, output.resume=false (the earlier file is kept as "
+            "results.replaced-<time>.json), or output.allow_protocol_change=true (recorded in the protocol)",
+        )
+    if changes:
+        log.warning(
+            "resuming %s with changed options (output.allow_protocol_change): %s", path, list(changes)
+        )
+    return changes
+
+
 def prepare(cfg: EvalConfig) -> Prepared:
-    """Step 2 of the run: every check that needs no weights."""
+    """Step 2 of the run: every check that needs no weights (errors as
+    :class:`~posheads.errors.ConfigError`)."""
+    from posheads.models import ModelLoadError
+
+    with user_input(extra=(ModelLoadError,)):
+        return _prepare(cfg)
+
+
+def _prepare(cfg: EvalConfig) -> Prepared:
+    from posheads.eval.headtable import check_identity, model_identity, read_identity
     from posheads.models import load_tokenizer
 
+    # stage 1: the configuration alone
+    changes = check_output(cfg)
+    table = table_identity = None
+    if cfg.sweep.needs_positional and "heads" not in cfg.tasks and cfg.heads.from_results:
+        try:
+            table = read_head_table(cfg.heads.from_results)
+            table_identity = read_identity(cfg.heads.from_results)
+        except (OSError, ValueError, KeyError) as err:
+            if isinstance(err, ConfigError) or str(err).startswith("heads.from_results"):
+                raise
+            raise ConfigError(
+                "heads.from_results",
+                cfg.heads.from_results,
+                f"cannot be read as a head table ({type(err).__name__}: {err})",
+                hint="give a results.json, its run directory, or a heads.csv written by the heads task",
+            ) from err
+    # stage 2: the model's config (no weights)
     config = peek_model_config(cfg.model)
     shape, notes = validate_against_model(cfg, config)
     for note in notes:
         if cfg.length_policy == "warn":
             warnings.warn(note, stacklevel=2)
             log.warning(note)
-    table = None
-    if cfg.sweep.needs_positional and "heads" not in cfg.tasks and cfg.heads.from_results:
-        table = read_head_table(cfg.heads.from_results)
+    identity = model_identity(cfg.model, config)
+    differs: list[str] = []
+    if table is not None:
+        assert cfg.heads.from_results is not None
+        differs = check_identity(
+            "heads.from_results",
+            cfg.heads.from_results,
+            table_identity,
+            identity,
+            cfg.heads.allow_other_model,
+        )
         validate_heads([[r["layer"], r["head"]] for r in table], shape, option="heads.from_results")
     tokenizer = load_tokenizer(cfg.model)
     docs: list[TokenizedDocument] = []
@@ -304,7 +496,9 @@ def prepare(cfg: EvalConfig) -> Prepared:
             source = source[: cfg.needle.haystack_documents]
         haystack = haystack_pool(source, tokenizer)
     _check_retrieval(cfg, tokenizer, haystack)
-    return Prepared(cfg, config, shape, tokenizer, docs, haystack, table, notes, probe_docs)
+    return Prepared(
+        cfg, config, shape, tokenizer, docs, haystack, table, notes, probe_docs, identity, changes, differs
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -459,6 +653,10 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                 need_means=cfg.sweep.uses_mean,
             )
             table, means = found.table, found.means
+            if found.files.get("csv") is not None:
+                from posheads.eval.headtable import stamp_csv
+
+                stamp_csv(found.files["csv"], prep.identity)
             results.set("heads", table)
             results.set("heads_summary", _heads_summary(found.analysis))
             timings["heads"] = round(time.time() - t_task, 1)
@@ -477,13 +675,21 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
         described = [c.describe() for c in conditions]
         previous = results.data.get("conditions") or []
         if cfg.output.resume and previous and previous != json.loads(json.dumps(described)):
-            raise ValueError(
-                f"output.resume=true: the conditions of this run differ from those recorded in {results.path} "
-                "(another head table, seeds or user heads); use a new output.dir or output.resume=false"
+            raise ConfigError(
+                "output.resume",
+                True,
+                f"the conditions of this run differ from those recorded in {results.path} "
+                "(another head table, seeds or user heads)",
+                hint="use a new output.dir or output.resume=false",
             )
         results.set("conditions", described)
         protocol = _protocol(cfg, prep, model, conditions, i_c)
         protocol["config"] = _config_dict(cfg)
+        protocol["model_identity"] = prep.identity
+        if prep.resume_changes:
+            protocol["resumed_with_changes"] = prep.resume_changes
+        if prep.table_differs:
+            protocol["head_table_other_model"] = prep.table_differs
         results.set("protocol", protocol)
         _print_plan(cfg, conditions)
 
@@ -532,14 +738,18 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                 timings[task] = round(time.time() - t_task, 1)
         results.set("status", "complete")
     except BaseException as err:
-        results.set("status", f"failed: {type(err).__name__}: {err}")
+        results.data["status"] = "failed"
+        results.data["failure"] = f"{type(err).__name__}: {err}"
         raise
     finally:
         elapsed = time.time() - t0
         protocol = dict(results.data["protocol"])
         protocol["elapsed_s"] = round(elapsed, 1)
         protocol["timings_s"] = timings
-        results.set("protocol", protocol)
+        try:
+            results.set("protocol", protocol)
+        except OSError as write_err:  # e.g. a full disk: the last good results.json stays as it was
+            log.error("could not record the end of the run in %s: %s", results.path, write_err)
     data = results.data
     plots = plot_results(data, out_dir) if cfg.output.plots else []
     print(summary_tables(data))
@@ -662,7 +872,13 @@ def _log_wandb(cfg: EvalConfig, data: dict[str, Any], plots: Sequence[Path], out
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Entry point of ``evaluate.py``."""
+    """Entry point of ``evaluate.py`` (``argv`` defaults to ``sys.argv[1:]``). Bad input exits with status 2
+    and one ``error: ...`` line (:func:`posheads.errors.run_cli`)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = parse_config(argv)
-    return run(cfg)
+    return run_cli(_main, argv, "evaluate.py")
+
+
+def _main(args: list[str]) -> dict[str, Any]:
+    cfg = parse_config(args)
+    prep = prepare(cfg)
+    return run(cfg, prep)

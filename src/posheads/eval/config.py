@@ -257,6 +257,8 @@ class IdentifySettings:
         analysis: the analysis options (:class:`posheads.heads.HeadsConfig`: score statistic, selection
             rule, sampling, critical pair, batch size ...).
         plots: write the identification's plots (score heat-map, HDA curves, pair profile).
+        allow_other_model: use a ``from_results`` table that records another model (name, type or shape) than
+            the one evaluated; refused by default (:mod:`posheads.eval.headtable`), recorded in the protocol.
     """
 
     length: int = 2048
@@ -265,6 +267,7 @@ class IdentifySettings:
     probe_documents: list[str] | None = None
     analysis: HeadsConfig = field(default_factory=HeadsConfig)
     plots: bool = True
+    allow_other_model: bool = False
 
     def __post_init__(self) -> None:
         for opt in ("length", "num_sequences"):
@@ -402,13 +405,18 @@ class OutputSettings:
 
     Attributes:
         dir: the run directory (``results.json``, ``trials.jsonl``, ``heads.csv``, PNG plots).
-        resume: keep the rows of an existing ``results.json`` there and compute only the missing ones.
+        resume: keep the rows of an existing ``results.json`` there and compute only the missing ones;
+            refused (before the model loads) when that file was made with another protocol (any option except
+            ``output.*``, ``progress``, ``threads``, ``tasks`` and where the head table comes from differs).
+        allow_protocol_change: resume even though the protocol differs; the differing options (old and new
+            values) are recorded in ``protocol.resumed_with_changes``.
         plots: write PNG plots.
         wandb: log to W&B as well (``null`` = no logger).
     """
 
     dir: str = "runs/eval"
     resume: bool = False
+    allow_protocol_change: bool = False
     plots: bool = True
     wandb: WandbSettings | None = None
 

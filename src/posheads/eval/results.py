@@ -11,12 +11,15 @@ Keys (all always present):
 * ``conditions`` -- what each ablation condition ablates (``[{name, kind, family, seed, side, n_heads, heads}]``).
 * ``perplexity`` -- ``[{condition, length, nll, ppl, tokens, documents, windows}]``.
 * ``passkey`` / ``needle`` -- ``[{condition, length, depth, accuracy, trials, correct}]``.
-* ``status`` -- ``"running"`` until the run ends, then ``"complete"`` (or ``"failed: <error>"``).
+* ``status`` -- ``"running"`` until the run ends, then ``"complete"`` or ``"failed"`` (with ``failure``: the
+  error's type and message).
 
-Rows are appended as they finish and the file is rewritten atomically (temporary file + ``os.replace``),
-so an interrupted run leaves a valid file holding every finished row. With ``resume=True`` an existing
-file is read back and :meth:`ResultsFile.has` tells which rows need not be computed again.
-Trial-level retrieval records go to ``trials.jsonl`` next to it (appended line by line).
+Rows are appended as they finish and the file is rewritten atomically (temporary file + ``fsync`` +
+``os.replace``, :mod:`posheads.atomic`, with the user's normal file permissions), so an interrupted run or a
+full disk leaves a valid file holding every finished row. With ``resume=True`` an existing file is read back
+and :meth:`ResultsFile.has` tells which rows need not be computed again. Trial-level retrieval records go to
+``trials.jsonl`` next to it (appended line by line, one record per trial: on resume the records of cells that
+were not finished -- they are computed again -- are dropped, and a record already there is not written twice).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ import logging
 import math
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+from posheads.atomic import atomic_write_json, atomic_write_text
 
 log = logging.getLogger("posheads.eval")
 
@@ -92,14 +96,58 @@ class ResultsFile:
             "needle": [],
             "status": "running",
         }
+        self._trial_keys: set[tuple[Any, ...]] = set()
         if resume and self.path.is_file():
             old = load_results(self.path)
             for key in ("heads", "heads_summary", "conditions", *SECTIONS):
                 if key in old:
                     self.data[key] = old[key]
+            self._prune_trials()
         else:
             self._keep_previous()
         self.write()
+
+    @staticmethod
+    def _trial_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
+        depth = record.get("depth")
+        return (
+            record.get("task"),
+            record.get("condition"),
+            record.get("length"),
+            round(depth, 6) if isinstance(depth, float) else depth,
+            record.get("seed"),
+        )
+
+    def _prune_trials(self) -> None:
+        """Resume: keep the trial records of finished cells (their rows are in results.json and are not
+        computed again; records that name no cell are kept too), drop those of unfinished cells (computed
+        again), duplicates and a last line cut off by the interruption."""
+        if not self.trials_path.is_file():
+            return
+        kept: list[str] = []
+        dropped = 0
+        for line in self.trials_path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut off by the interruption
+                dropped += 1
+                continue
+            task = record.get("task")
+            key = self._trial_key(record)
+            done = task not in SECTIONS or self.has(
+                task,
+                condition=record.get("condition"),
+                length=record.get("length"),
+                depth=record.get("depth"),
+            )
+            if not done or key in self._trial_keys:
+                dropped += 1
+                continue
+            self._trial_keys.add(key)
+            kept.append(json.dumps(record) + "\n")
+        if dropped:
+            atomic_write_text(self.trials_path, "".join(kept))
+            log.info("%s: dropped %d records of unfinished cells (computed again)", self.trials_path, dropped)
 
     def _keep_previous(self) -> None:
         """A new run in a directory that holds an earlier one: the earlier ``results.json`` / ``trials.jsonl``
@@ -143,21 +191,19 @@ class ResultsFile:
             self.append(section, row)
 
     def trial(self, record: Mapping[str, Any]) -> None:
-        """Append one trial record to ``trials.jsonl``."""
+        """Append one trial record to ``trials.jsonl`` (once: a record of the same task, condition, length,
+        depth and seed is not written again)."""
+        record = _jsonable(dict(record))
+        key = self._trial_key(record)
+        if key in self._trial_keys:
+            return
         with self.trials_path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(_jsonable(dict(record))) + "\n")
+            fh.write(json.dumps(record) + "\n")
+        self._trial_keys.add(key)
 
     def write(self) -> None:
-        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".results-", suffix=".json")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self.data, fh, indent=1, allow_nan=False)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Rewrite ``results.json`` atomically (a failed write leaves the previous file)."""
+        atomic_write_json(self.path, self.data, indent=1, allow_nan=False)
 
 
 def load_results(path: str | os.PathLike) -> dict[str, Any]:

@@ -253,7 +253,7 @@ def read_head_table(path: str | Path) -> list[dict[str, Any]]:
     rows: Any
     if p.suffix == ".csv":
         with p.open(newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+            rows = list(csv.DictReader(line for line in fh if not line.startswith("#")))
     else:
         with p.open(encoding="utf-8") as fh:
             data = json.load(fh)

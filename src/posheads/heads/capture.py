@@ -291,7 +291,8 @@ def head_output_width(module: nn.Module) -> int:
     feats = None if proj is None else _features(proj)
     if feats is None:
         raise ValueError(f"{type(module).__name__} has no output projection")
-    return feats[0] // int(module.config.num_attention_heads)
+    config: Any = module.config
+    return feats[0] // int(config.num_attention_heads)
 
 
 def attention_modules(model: nn.Module) -> dict[int, Any]:

@@ -138,16 +138,16 @@ def plot_pair_profile(analysis: HeadAnalysis, path: str | Path, head: tuple[int,
             im = ax.imshow(data, aspect="auto", origin="lower", cmap=cmap, vmin=-lim, vmax=lim)
         else:
             im = ax.imshow(data, aspect="auto", origin="lower", cmap=cmap, vmin=0, vmax=1)
-        ax.axhline(
-            analysis.i_c - 0.5, color="white" if cmap == "magma" else "black", linewidth=1, linestyle="--"
-        )
+        i_c = analysis.i_c[layer] if isinstance(analysis.i_c, list) else analysis.i_c  # per layer (Gemma 3)
+        ax.axhline(i_c - 0.5, color="white" if cmap == "magma" else "black", linewidth=1, linestyle="--")
         ax.set_xticks(range(data.shape[1]))
         ax.set_xticklabels(_bin_labels(analysis), rotation=45, fontsize=7)
         ax.set_xlabel("distance (bin start, tokens)")
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax)
     axes[0].set_ylabel("RoPE pair i (low -> high dimension)")
-    fig.suptitle(f"layer {layer} head {h} (i_c = {analysis.i_c}, dashed)", fontsize=10)
+    layer_i_c = analysis.i_c[layer] if isinstance(analysis.i_c, list) else analysis.i_c
+    fig.suptitle(f"layer {layer} head {h} (i_c = {layer_i_c}, dashed)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)

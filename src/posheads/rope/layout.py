@@ -417,7 +417,8 @@ def _no_active_hooks(model: nn.Module) -> Iterator[None]:
 
 
 def _decoder(model: nn.Module) -> nn.Module:
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    get_base: Any = getattr(model, "get_base_model", None)
+    base: Any = get_base() if callable(get_base) else model
     get_decoder = getattr(base, "get_decoder", None)
     if callable(get_decoder):
         decoder = get_decoder()
@@ -569,7 +570,8 @@ def model_rope(model: nn.Module, verify: bool = True) -> ModelRope:
     Verification is skipped for models whose parameters are sharded (FSDP: a forward on one rank would
     deadlock) or on the meta device; the description is then the config's, marked ``verified=False``.
     """
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    get_base: Any = getattr(model, "get_base_model", None)
+    base: Any = get_base() if callable(get_base) else model
     key = _fingerprint(base)
     cached = getattr(base, _CACHE_ATTRIBUTE, None)
     if cached is not None and cached[0] == key and (cached[1].verified or not verify):
