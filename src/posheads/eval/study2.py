@@ -747,7 +747,7 @@ def run_study(
     """Identify once, then measure every point (skipping points whose ``results.json`` exists)."""
     from posheads.heads.hda import critical_pair_for
     from posheads.models.loading import load_model, load_tokenizer
-    from posheads.rope import apply_rope_scaling_to_model, original_context_length, rope_head_dim
+    from posheads.rope import original_context_length, rope_head_dim
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -836,7 +836,8 @@ def run_study(
         _write_json(ident_path, ident)
 
     # --- points
-    summaries = {}
+    summaries: dict[str, Any] = {}
+    failures: dict[str, str] = {}
     for point in cfg.points:
         if only and point.name not in only:
             continue
@@ -845,87 +846,117 @@ def run_study(
             log(f"{point.name}: done before ({res_path})")
             summaries[point.name] = json.loads(res_path.read_text())
             continue
-        t0 = time.perf_counter()
-        if point.method == "as_loaded":
-            scaling = scaling_of(model.config)
-        else:
-            scaling = scaling_for(point, num_pairs, i_c, cfg.longrope_rule, l0)
-            apply_rope_scaling_to_model(model, scaling)
-        variants = {}
-        for name in cfg.identify.variants:
-            hc = cfg.identify.variant_config(
-                name, rows_per_sequence=cfg.hda_rows, keys_per_bin=cfg.hda_keys_per_bin, num_bins=None
+        try:
+            result = _measure_point(
+                cfg, point, model, windows, ident, num_pairs, i_c, l0, length, probe_names
             )
-            variants[name] = (hc, collector_for_config(model, hc, length))
-        buckets, pk_rows = [], []
-        for w_i, w in enumerate(windows):
-            res = measure_window(
-                model, w["ids"], [c for _, c in variants.values()], rows_seed=cfg.seed * 1_000_003 + w_i
-            )
-            buckets.append(bucket_sums(res["token_nll"], w["spans"], cfg.windows.buckets))
-            pk_rows += [
-                {"window": w_i, **r} for r in score_keys(w["keys"], w["ids"], res["token_nll"], res["argmax"])
-            ]
-        hda = {}
-        for name, (hc, col) in variants.items():
-            an = analyze(col.stats, hc, i_c)
-            heads = [tuple(x) for x in ident["variants"][name]["positional_heads"]]
-            hda[name] = hda_summary(an, heads, cfg.n_boot, cfg.seed)
-        result = {
-            "protocol": {
-                "study": "2b training-free",
-                "model": cfg.model.name_or_path,
-                "point": point.name,
-                "method": scaling.method,
-                "factor": scaling.factor if scaling.method != "none" else 1.0,
-                "rope_scaling": scaling.to_dict(),
-                "longrope_rule": cfg.longrope_rule if point.method == "longrope" else None,
-                "original_context": l0,
-                "window_length": length,
-                "buckets": cfg.windows.buckets,
-                "windows": [
-                    {"spans": [list(s) for s in w["spans"]], "inserted": [list(x) for x in w["inserted"]]}
-                    for w in windows
-                ],
-                "window_assembly": "[BOS] passkey task + key sentences, then doc_1 '\\n\\n' doc_2 ... (each "
-                "document's own BOS dropped; question blocks inserted so that they end at each passkey length; "
-                "only document tokens are scored for the NLL)",
-                "probe_documents": sorted(probe_names),
-                "identification": "unscaled model, per variant (identification.json)",
-                "hda": {
-                    "rows_per_window": cfg.hda_rows,
-                    "keys_per_bin": cfg.hda_keys_per_bin,
-                    "i_c": i_c,
-                    "measured_on": "the evaluation windows (same forward as the NLL)",
-                },
-                "passkey": {
-                    **asdict(cfg.passkey),
-                    "protocol": "multi-key, teacher-forced, in the evaluation windows: key sentences after BOS, "
-                    "questions + answers ending at each length; correct = every answer token is the argmax",
-                },
-                "corpus": asdict(cfg.corpus),
-                "seed": cfg.seed,
-                "n_boot": cfg.n_boot,
-                "threads": torch.get_num_threads(),
-            },
-            "hda": hda,
-            "perplexity": perplexity_summary(buckets, cfg.n_boot, cfg.seed),
-            "perplexity_raw": buckets,
-            "passkey": passkey_summary(pk_rows, cfg.n_boot, cfg.seed) if pk_rows else [],
-            "passkey_trials": pk_rows,
-            "seconds": {"total": time.perf_counter() - t0, "forwards": len(windows)},
-        }
+        except (
+            Exception
+        ) as err:  # one failing scaling must not lose the others: recorded, then re-raised at the end
+            failures[point.name] = f"{type(err).__name__}: {err}"
+            log(f"{point.name}: FAILED {failures[point.name]}")
+            continue
         _write_json(res_path, result)
         summaries[point.name] = result
         ppl = result["perplexity"][-1]
-        h0 = next(iter(hda.values()))
+        h0 = next(iter(result["hda"].values()))
         log(
             f"{point.name}: PPL[{ppl['bucket']}]={ppl['ppl']:.2f} [{ppl['ppl_lo']:.2f}, {ppl['ppl_hi']:.2f}] "
             f"(n={ppl['documents']} docs), HDA ext={h0['extension_bin']['mean']}, area={h0['area']['mean']:.3f}, "
             f"{result['seconds']['total']:.0f}s"
         )
     log(f"study2: {time.perf_counter() - started:.0f}s")
+    if failures:
+        raise RuntimeError(f"study2: {len(failures)} point(s) failed: {failures}")
     return summaries
+
+
+def _measure_point(
+    cfg: Study2Config,
+    point: Point,
+    model: nn.Module,
+    windows: list[dict[str, Any]],
+    ident: dict[str, Any],
+    num_pairs: int,
+    i_c: int,
+    l0: int,
+    length: int,
+    probe_names: set[str],
+) -> dict[str, Any]:
+    """Apply one scaling and measure it on every window (one forward each)."""
+    from posheads.rope import apply_rope_scaling_to_model
+
+    t0 = time.perf_counter()
+    if point.method == "as_loaded":
+        scaling = scaling_of(model.config)
+    else:
+        scaling = scaling_for(point, num_pairs, i_c, cfg.longrope_rule, l0)
+        apply_rope_scaling_to_model(model, scaling)
+    variants = {}
+    for name in cfg.identify.variants:
+        hc = cfg.identify.variant_config(
+            name, rows_per_sequence=cfg.hda_rows, keys_per_bin=cfg.hda_keys_per_bin, num_bins=None
+        )
+        variants[name] = (hc, collector_for_config(model, hc, length))
+    buckets, pk_rows = [], []
+    for w_i, w in enumerate(windows):
+        res = measure_window(
+            model, w["ids"], [c for _, c in variants.values()], rows_seed=cfg.seed * 1_000_003 + w_i
+        )
+        buckets.append(bucket_sums(res["token_nll"], w["spans"], cfg.windows.buckets))
+        pk_rows += [
+            {"window": w_i, **r} for r in score_keys(w["keys"], w["ids"], res["token_nll"], res["argmax"])
+        ]
+    hda = {}
+    for name, (hc, col) in variants.items():
+        an = analyze(col.stats, hc, i_c)
+        heads = [tuple(x) for x in ident["variants"][name]["positional_heads"]]
+        hda[name] = hda_summary(an, heads, cfg.n_boot, cfg.seed)
+    result = {
+        "protocol": {
+            "study": "2b training-free",
+            "model": cfg.model.name_or_path,
+            "point": point.name,
+            "method": scaling.method,
+            "factor": scaling.factor if scaling.method != "none" else 1.0,
+            "rope_scaling": scaling.to_dict(),
+            "longrope_rule": cfg.longrope_rule if point.method == "longrope" else None,
+            "original_context": l0,
+            "window_length": length,
+            "buckets": cfg.windows.buckets,
+            "windows": [
+                {"spans": [list(s) for s in w["spans"]], "inserted": [list(x) for x in w["inserted"]]}
+                for w in windows
+            ],
+            "window_assembly": "[BOS] passkey task + key sentences, then doc_1 '\\n\\n' doc_2 ... (each "
+            "document's own BOS dropped; question blocks inserted so that they end at each passkey length; "
+            "only document tokens are scored for the NLL)",
+            "probe_documents": sorted(probe_names),
+            "identification": "unscaled model, per variant (identification.json)",
+            "hda": {
+                "rows_per_window": cfg.hda_rows,
+                "keys_per_bin": cfg.hda_keys_per_bin,
+                "i_c": i_c,
+                "measured_on": "the evaluation windows (same forward as the NLL)",
+            },
+            "passkey": {
+                **asdict(cfg.passkey),
+                "protocol": "multi-key, teacher-forced, in the evaluation windows: key sentences after BOS, "
+                "questions + answers ending at each length; correct = every answer token is the argmax",
+            },
+            "corpus": asdict(cfg.corpus),
+            "seed": cfg.seed,
+            "n_boot": cfg.n_boot,
+            "threads": torch.get_num_threads(),
+        },
+        "hda": hda,
+        "perplexity": perplexity_summary(buckets, cfg.n_boot, cfg.seed),
+        "perplexity_raw": buckets,
+        "passkey": passkey_summary(pk_rows, cfg.n_boot, cfg.seed) if pk_rows else [],
+        "passkey_trials": pk_rows,
+        "seconds": {"total": time.perf_counter() - t0, "forwards": len(windows)},
+    }
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
