@@ -91,8 +91,11 @@ def test_config_errors_name_the_option(cls, kwargs, needle):
 
 
 def test_module_refuses_eager_attention_and_bad_lengths():
-    with pytest.raises(ValueError, match="attn_implementation='eager'"):
-        LengthExtensionModule(64, lm=ModelConfig(name_or_path="tiny", attn_implementation="eager"))
+    # eager is refused for a model that supports SDPA (the tiny Llama), when the model is loaded
+    with pytest.raises(ValueError, match="attn_implementation='eager'.*supports SDPA"):
+        LengthExtensionModule(
+            64, lm=ModelConfig(name_or_path="tiny", attn_implementation="eager")
+        ).configure_model()
     with pytest.raises(ValueError, match="model.target_length=1"):
         LengthExtensionModule(1, lm=ModelConfig(name_or_path="tiny"))
 

@@ -7,7 +7,10 @@ What it does
   the offline SmolLM2, or the tiny test Llama), applies the RoPE scaling (:mod:`posheads.rope`: PI, NTK,
   dynamic NTK, YaRN, Llama-3, LongRoPE), optionally wraps it with LoRA (``lm.lora``) and enables gradient
   checkpointing (``lm.gradient_checkpointing``). Attention runs through SDPA (or flash attention); ``eager``
-  is refused because it materialises the ``L x L`` attention matrix at the target length.
+  materialises the ``L x L`` attention matrix of every layer at the target length, so it is refused for
+  models that support SDPA and accepted, with a warning that gives the memory it needs at the target length
+  (:func:`eager_attention_bytes`), only for models Transformers refuses SDPA for (Gemma 2: SDPA cannot
+  soft-cap attention logits). Loading such a model with SDPA fails with a message saying so.
 * ``training_step``: next-token cross-entropy on packed sequences of ``target_length`` tokens. From
   ``chunked_loss_from`` tokens per batch (default 4096) the loss is computed ``loss_chunk_size`` positions at a
   time from the final hidden states (:func:`posheads.lit.loss.chunked_causal_lm_loss`), never holding the
@@ -67,6 +70,34 @@ def _as(cls: type, value: Any) -> Any:
     return cls(**value) if isinstance(value, dict) else value
 
 
+def eager_attention_bytes(model: nn.Module, length: int, batch_size: int = 1) -> int:
+    """Bytes of attention weights that eager attention keeps for the backward pass of one forward:
+    ``layers x heads x L^2 x batch`` in the model's dtype, twice (pre- and post-softmax tensors)."""
+    config = model.config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    param = next(model.parameters())
+    layers, heads = int(text.num_hidden_layers), int(text.num_attention_heads)
+    return 2 * layers * heads * length * length * batch_size * param.element_size()
+
+
+def check_eager_training(model: nn.Module, length: int) -> None:
+    """Eager attention for training: refused when the model supports SDPA (it would materialise the
+    ``L x L`` weights for nothing); accepted with a memory warning when Transformers refuses SDPA for it."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    mt = getattr(base.config, "model_type", type(base).__name__)
+    if getattr(type(base), "_supports_sdpa", True):
+        raise ValueError(
+            f"model.lm.attn_implementation='eager' materialises the L x L attention matrix at the target length "
+            f"and model_type={mt!r} supports SDPA: train with 'sdpa' (default) or 'flash_attention_2'"
+        )
+    gib = eager_attention_bytes(base, length) / 2**30
+    rank_zero_warn(
+        f"model_type={mt!r} trains with eager attention (Transformers refuses SDPA for it): at "
+        f"model.target_length={length} its attention weights take about {gib:.2f} GiB per sequence of the batch "
+        "for the backward pass (2 x layers x heads x L^2 x dtype bytes), on top of the activations"
+    )
+
+
 class LengthExtensionModule(L.LightningModule):
     """Fine-tune a RoPE causal LM for a longer context (full or LoRA).
 
@@ -111,11 +142,6 @@ class LengthExtensionModule(L.LightningModule):
         for name, value in (("target_length", target_length), ("original_length", original_length)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 2):
                 raise ValueError(f"model.{name}={value!r} must be an int >= 2")
-        if self.lm.attn_implementation == "eager":
-            raise ValueError(
-                "model.lm.attn_implementation='eager' materialises the L x L attention matrix at the target length; "
-                "train with 'sdpa' (default) or 'flash_attention_2'"
-            )
         self.target_length = int(target_length)
         self._original_length = original_length
         self.extra_eval_lengths = sorted({int(n) for n in extra_eval_lengths or []})
@@ -163,12 +189,20 @@ class LengthExtensionModule(L.LightningModule):
         initialisation context, and :attr:`model` calls it on first access outside a Trainer."""
         if self._modules.get("model") is not None:
             return
-        model = load_model(self.lm, rope=self.rope)
+        try:
+            model = load_model(self.lm, rope=self.rope)
+        except ValueError as err:
+            if "scaled_dot_product_attention" not in str(err):
+                raise
+            raise ValueError(
+                f"model.lm.attn_implementation={self.lm.attn_implementation!r}: Transformers refuses SDPA for "
+                f"model {self.lm.name_or_path!r} (e.g. Gemma 2: SDPA cannot soft-cap attention logits); set "
+                "model.lm.attn_implementation='eager' (it holds every layer's L x L attention weights for the "
+                "backward pass: a memory warning gives the size at model.target_length) or 'flash_attention_2'"
+            ) from None
         impl = getattr(model.config, "_attn_implementation", None)
         if impl == "eager":
-            raise ValueError(
-                f"model {self.lm.name_or_path!r} loaded with eager attention; set model.lm.attn_implementation"
-            )
+            check_eager_training(model, self.target_length)
         model.train()  # load_model returns eval mode; Lightning switches modes for validation itself
         # registered as the submodule "model" (state_dict keys "model.<hf keys>") by nn.Module.__setattr__
         self.model = model  # type: ignore[misc]

@@ -31,6 +31,7 @@ scaling later starts again from the pre-trained RoPE instead of compounding (the
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -636,8 +637,23 @@ def apply_rope_scaling(config: Any, scaling: RopeScaling) -> Any:
     """Write ``scaling`` into ``config`` (mutated and returned): sets ``rope_parameters``,
     ``max_position_embeddings`` (``L0`` for dynamic NTK) and the provenance record, then runs Transformers'
     own ``validate_rope``. Call it before building or loading the model; for a loaded model use
-    :func:`posheads.rope.apply_rope_scaling_to_model`."""
+    :func:`posheads.rope.apply_rope_scaling_to_model`.
+
+    A checkpoint whose config already carries a scaling posheads did not write (e.g. Llama 3.1's ``llama3``,
+    a YaRN or PI checkpoint) is never silently replaced: ``none`` keeps it, ``linear`` composes with it
+    exactly (every frequency of the checkpoint divided by ``factor``, its attention factor kept: written as
+    ``linear`` with the product of the factors on a ``linear`` checkpoint, else as ``longrope`` with equal
+    short and long per-pair factors), and every other combination is refused with the reason (their closed
+    forms are defined on unscaled frequencies, or the checkpoint's scaling depends on the sequence length).
+    The checkpoint's own RoPE is recorded in the provenance, so applying another scaling later composes with
+    it again instead of with the composite."""
     cfg = rope_config(config)
+    if "head_dim" in vars(cfg) and cfg.head_dim is None:
+        # Mixtral-style configs carry head_dim=None, which Transformers' scaled-RoPE init functions read as is
+        cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+    checkpoint = _checkpoint_scaling(cfg)
+    if checkpoint is not None:
+        return _compose(config, cfg, scaling, *checkpoint)
     base = rope_base(cfg, scaling)
     params = rope_parameters_for(cfg, scaling)
     max_len = (
@@ -663,6 +679,88 @@ def apply_rope_scaling(config: Any, scaling: RopeScaling) -> Any:
             "base_rope_theta": base.rope_theta,
             "original_max_position_embeddings": base.original_max_position_embeddings,
             "target_max_position_embeddings": base.max_position_embeddings,
+        },
+    )
+    if hasattr(cfg, "validate_rope"):
+        cfg.validate_rope()
+    return config
+
+
+def _checkpoint_scaling(cfg: Any) -> tuple[dict[str, Any], int] | None:
+    """``(rope_parameters, max_position_embeddings)`` of a scaling the checkpoint itself carries, else ``None``."""
+    prov = _provenance(cfg)
+    if prov is not None:
+        saved = prov.get("checkpoint_rope_parameters")
+        return None if saved is None else (dict(saved), int(prov["checkpoint_max_position_embeddings"]))
+    rp = dict(cfg.rope_parameters)
+    if rp.get("rope_type", rp.get("type", "default")) == "default":
+        return None
+    return rp, int(cfg.max_position_embeddings)
+
+
+def _compose(config: Any, cfg: Any, scaling: RopeScaling, prior: dict[str, Any], prior_max: int) -> Any:
+    """Apply ``scaling`` on top of the checkpoint's own scaling ``prior`` (see :func:`apply_rope_scaling`)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    prior_type = prior.get("rope_type", prior.get("type"))
+    l0 = int(prior.get("original_max_position_embeddings") or prior_max)
+    theta = float(prior["rope_theta"])
+    what = f"model_type={_model_type(cfg)!r} already carries rope_type={prior_type!r} scaling"
+    if scaling.method == "none":
+        params, new_max = dict(prior), prior_max
+    elif scaling.method != "linear":
+        raise ValueError(
+            f"{what} (factor {prior.get('factor')}, context {prior_max}): rope.method={scaling.method!r} cannot be "
+            "composed with it (its closed form is defined on unscaled frequencies); use rope.method='linear' "
+            "(composes exactly: every frequency of the checkpoint divided by the factor) or 'none'"
+        )
+    elif prior_type in ("dynamic",) or (
+        prior_type == "longrope" and list(prior.get("short_factor", [])) != list(prior.get("long_factor", []))
+    ):
+        raise ValueError(
+            f"{what}, which changes with the sequence length: rope.method='linear' cannot be composed with it"
+        )
+    elif scaling.factor == 1.0:
+        params, new_max = dict(prior), prior_max
+    elif prior_type == "linear":
+        params = dict(prior, factor=float(prior["factor"]) * scaling.factor)
+        new_max = max(round(scaling.factor * prior_max), prior_max)
+    else:
+        probe = copy.deepcopy(cfg)
+        probe.rope_parameters = dict(prior)
+        probe.max_position_embeddings = prior_max
+        inv, attention = ROPE_INIT_FUNCTIONS[prior_type](probe, None, seq_len=None)
+        dim = inv.numel() * 2
+        unscaled = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+        factors = (unscaled / inv.double() * scaling.factor).tolist()
+        new_max = max(round(scaling.factor * prior_max), prior_max)
+        params = {
+            "rope_type": "longrope",
+            "rope_theta": theta,
+            "original_max_position_embeddings": new_max,  # never switch to long_factor (they are equal)
+            "short_factor": factors,
+            "long_factor": factors,
+            "attention_factor": float(attention),
+        }
+        for key in _CARRIED_KEYS:
+            if key in prior:
+                params[key] = prior[key]
+    if scaling.max_position_embeddings is not None:
+        new_max = max(new_max, int(scaling.max_position_embeddings))
+    cfg.rope_parameters = params
+    cfg.max_position_embeddings = int(new_max)
+    setattr(
+        cfg,
+        PROVENANCE_ATTRIBUTE,
+        {
+            "scaling": dataclasses.replace(
+                scaling, original_max_position_embeddings=l0, max_position_embeddings=int(new_max)
+            ).to_dict(),
+            "base_rope_theta": theta,
+            "original_max_position_embeddings": l0,
+            "target_max_position_embeddings": int(new_max),
+            "checkpoint_rope_parameters": dict(prior),
+            "checkpoint_max_position_embeddings": int(prior_max),
         },
     )
     if hasattr(cfg, "validate_rope"):
