@@ -227,7 +227,9 @@ def test_identity_and_probabilities_match_the_models_eager_attention(name):
         torch.testing.assert_close(g.sum(-1) + c, q @ k.transpose(-1, -2), rtol=1e-10, atol=1e-10)
         assert g.shape[-1] == rope.num_pairs
         # the statistics pass's probabilities a(m, m - delta) against the model's own eager weights
-        prepared = collector._prepare_rows(call, RowPlan(rows=rows, seed=0))
+        prepared = collector._prepare_rows(
+            call, RowPlan(rows=rows, seed=0), collector._to_pairs(call.key, layer)
+        )
         eager = out.attentions[layer].double()  # [B, H, L, L]
         b_idx, pos = prepared.batch, prepared.pos
         delta = torch.arange(prepared.a_delta.shape[-1])
