@@ -84,6 +84,17 @@ def test_dotted_overrides():
             "heads.from_results='old/results.json' and tasks with 'heads'",
         ),
         (["--heads.analysis.rank_by", "z"], "heads.analysis.rank_by=.z.: is not one of"),
+        (
+            ["--perplexity.conditions_at", "{128: [none, lowst]}"],
+            r"conditions_at\[128\]: \['lowst'\] are not",
+        ),
+        (
+            ["--perplexity.conditions_at", "{100: [none]}"],
+            "conditions_at: 100 is not one of perplexity.lengths",
+        ),
+        (["--perplexity.nested", "true", "--perplexity.stride", "32"], "nested=true needs stride: null"),
+        (["--sweep.conditions", "[none, dims_high:mean]"], "takes no ablation mode"),
+        (["--sweep.conditions", "[none, positional, positional]"], "has duplicates"),
     ],
 )
 def test_bad_config_is_refused(tmp_path, no_weights, overrides, match):

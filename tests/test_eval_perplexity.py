@@ -254,3 +254,46 @@ def test_perplexity_intervals_contrasts_are_paired_and_pooled():
     data = _results(per_doc, tokens, conds)
     data["perplexity"][2]["per_window"][0]["document"] = "elsewhere"
     assert perplexity_intervals(data, n_boot=50)["lengths"]["64"]["skipped"] == ["random@0"]
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_conditions_at_restricts_a_length(model, nested):
+    from posheads.eval.identify import ablation_apply
+
+    conds = [
+        NONE,
+        Condition("r@0", "heads", ((0, 1),), family="r"),
+        Condition("r@1", "heads", ((1, 1),), family="r"),
+        Condition("x", "heads", ((1, 0),)),
+    ]
+    runner = ConditionRunner(model, conds, ablation_apply("zero", None, None), max_rows=1)
+    calls = []
+    original = runner.call
+
+    def counting(group, fn, *a, **k):
+        calls.append([c.name for c in group])
+        return original(group, fn, *a, **k)
+
+    runner.call = counting
+    rows = evaluate_perplexity_lengths(
+        model,
+        _docs((300, 520, 260)),
+        [64, 256],
+        nested=nested,
+        max_windows_per_doc=1,
+        conditions_at={256: ["none", "r"]},
+        runner=runner,
+        progress=False,
+    )
+    got = {(r.condition, r.length) for r in rows}
+    assert got == {
+        ("none", 64),
+        ("r@0", 64),
+        ("r@1", 64),
+        ("x", 64),
+        ("none", 256),
+        ("r@0", 256),
+        ("r@1", 256),
+    }
+    if nested:  # x is fed only at 64 tokens: one forward per document, none at 256
+        assert sum(1 for c in calls if c == ["x"]) == 3

@@ -703,10 +703,15 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
         if "perplexity" in cfg.tasks:
             t_task = time.time()
             p = cfg.perplexity
+            at = p.conditions_at or {}
             todo = [
                 c
                 for c in conditions
-                if not all(results.has("perplexity", condition=c.name, length=L) for L in p.lengths)
+                if not all(
+                    results.has("perplexity", condition=c.name, length=L)
+                    for L in p.lengths
+                    if L not in at or c.name in at[L] or c.family in at[L]
+                )
             ]
             if todo:
                 evaluate_perplexity_lengths(
@@ -720,6 +725,7 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                     max_windows=p.max_windows,
                     max_documents=p.max_documents,
                     max_documents_per_length=p.max_documents_per_length,
+                    conditions_at=p.conditions_at,
                     min_document_tokens=max(p.lengths) if p.same_documents else None,
                     runner=runner,
                     conditions=todo,

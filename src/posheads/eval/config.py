@@ -87,6 +87,10 @@ class PerplexitySettings:
             documents of the list, e.g. ``{4096: 4}``: fewer documents at the longest length).
         max_windows_per_doc: at most this many windows per document.
         max_windows: at most this many windows per length (all documents together).
+        conditions_at: evaluate only these conditions at some lengths, ``{length: [names]}`` (a name is a
+            ``sweep.conditions`` entry, an expanded one such as ``random@3``, or a family such as ``random``);
+            lengths not listed run every condition. E.g. ``{4096: [none, positional, random]}`` keeps the
+            costliest length to the comparison that matters.
         nested: feed each document once per condition, at the longest length it is used for, and read the
             shorter lengths off the same forward (a causal model's prediction at position ``t`` sees only
             tokens ``<= t``, so this equals separate windows of the document's first ``L`` tokens). Needs
@@ -104,6 +108,7 @@ class PerplexitySettings:
     max_documents_per_length: dict[int, int] | None = None
     max_windows_per_doc: int | None = None
     max_windows: int | None = None
+    conditions_at: dict[int, list[str]] | None = None
     nested: bool = False
     n_boot: int = 2000
     level: float = 0.95
@@ -127,6 +132,27 @@ class PerplexitySettings:
                 _optional_positive(f"perplexity.max_documents_per_length[{length}]", v)
                 caps[length] = int(v)
             self.max_documents_per_length = caps
+        if self.conditions_at is not None:
+            at: dict[int, list[str]] = {}
+            for key, names in dict(self.conditions_at).items():
+                try:
+                    at_length = int(key)
+                except (TypeError, ValueError):
+                    raise ValueError(f"perplexity.conditions_at: key {key!r} is not a length") from None
+                if at_length not in self.lengths:
+                    raise ValueError(
+                        f"perplexity.conditions_at: {at_length} is not one of perplexity.lengths {self.lengths}"
+                    )
+                if (
+                    not isinstance(names, (list, tuple))
+                    or not names
+                    or not all(isinstance(n, str) for n in names)
+                ):
+                    raise ValueError(
+                        f"perplexity.conditions_at[{at_length}]={names!r} must be a non-empty list of names"
+                    )
+                at[at_length] = list(names)
+            self.conditions_at = at
         if not isinstance(self.nested, bool):
             raise ValueError(f"perplexity.nested={self.nested!r} must be a bool")
         if self.nested and (self.stride is not None or self.max_windows_per_doc not in (None, 1)):
@@ -512,6 +538,24 @@ class EvalConfig:
                 "mean ablation (sweep.ablation='mean' or a ':mean' condition) needs the head means of the "
                 "probe set: add 'heads' to tasks"
             )
+        if self.perplexity.conditions_at and "perplexity" in self.tasks:
+            known = {"none"}
+            for entry in self.sweep.conditions:
+                sp = parse_condition(entry)
+                known.add(entry)
+                if sp.base == "random" and sp.seed is None:
+                    suffix = "" if sp.mode is None else f":{sp.mode}"
+                    known.update(f"random@{s}{suffix}" for s in self.sweep.random_seeds)
+                if sp.target == "random" and sp.seed is None:
+                    known.update(f"{sp.base}[random@{s}]" for s in self.sweep.random_seeds)
+                    known.add(f"{sp.base}[random]")
+            for length, names in self.perplexity.conditions_at.items():
+                unknown = [n for n in names if n not in known]
+                if unknown:
+                    raise ValueError(
+                        f"perplexity.conditions_at[{length}]: {unknown} are not conditions of this sweep "
+                        f"({sorted(known)})"
+                    )
         _optional_positive("threads", self.threads)
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda") or self.device == "mps"):
             raise ValueError(f"device={self.device!r} is not 'auto', 'cpu', 'cuda[:N]' or 'mps'")

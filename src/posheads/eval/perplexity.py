@@ -303,6 +303,7 @@ def evaluate_perplexity_lengths(
     min_document_tokens: int | None = None,
     runner: ConditionRunner | None = None,
     conditions: Sequence[Condition] | None = None,
+    conditions_at: Mapping[int, Sequence[str]] | None = None,
     on_row: Callable[[PerplexityRow], None] | None = None,
     progress: bool = True,
 ) -> list[PerplexityRow]:
@@ -311,10 +312,22 @@ def evaluate_perplexity_lengths(
     ``nested=False``: :func:`evaluate_perplexity` per length. ``nested=True`` (needs ``stride=None`` and one
     window per document): each document is fed once per condition, at the longest length it is used for
     (:func:`nested_plan`), and every shorter length is scored on a prefix of that forward.
+    ``conditions_at``: ``{length: names}`` -- only conditions whose name or family is listed run at that
+    length.
     """
+    runner = runner or ConditionRunner(model, [NONE])
+    todo = list(runner.conditions if conditions is None else conditions)
+
+    def runs_at(cond: Condition, length: int) -> bool:
+        names = (conditions_at or {}).get(length)
+        return names is None or cond.name in names or cond.family in names
+
     if not nested:
         rows: list[PerplexityRow] = []
         for length in lengths:
+            here = [c for c in todo if runs_at(c, length)]
+            if not here:
+                continue
             cap = (max_documents_per_length or {}).get(length, max_documents)
             rows += evaluate_perplexity(
                 model,
@@ -327,14 +340,13 @@ def evaluate_perplexity_lengths(
                 max_documents=cap,
                 min_document_tokens=min_document_tokens,
                 runner=runner,
-                conditions=conditions,
+                conditions=here,
                 on_row=on_row,
                 progress=progress,
             )
         return rows
     if stride is not None or (max_windows_per_doc not in (None, 1)):
         raise ValueError("nested perplexity needs disjoint windows (stride=None) and max_windows_per_doc=1")
-    runner = runner or ConditionRunner(model, [NONE])
     plan = nested_plan(
         docs,
         lengths,
@@ -344,15 +356,22 @@ def evaluate_perplexity_lengths(
         max_documents_per_length=max_documents_per_length,
         min_document_tokens=min_document_tokens,
     )
-    feed: dict[str, tuple[TokenizedDocument, int]] = {}  # document -> (doc, longest length it is used for)
-    for length in sorted(plan):
-        for d in plan[length]:
-            feed[d.name] = (d, length)
     device = next(model.parameters()).device
     out: list[PerplexityRow] = []
     longest = max(lengths)
-    for group in runner.groups(longest, conditions):
-        records: dict[int, list[list[dict[str, Any]]]] = {L: [[] for _ in group] for L in plan}
+    # conditions that run at the same lengths share their groups (their documents' forwards coincide)
+    by_lengths: dict[tuple[int, ...], list[Condition]] = {}
+    for c in todo:
+        by_lengths.setdefault(tuple(L for L in sorted(plan) if runs_at(c, L)), []).append(c)
+    work = [(ls, g) for ls, conds in by_lengths.items() if ls for g in runner.groups(longest, conds)]
+    for active, group in work:
+        feed: dict[
+            str, tuple[TokenizedDocument, int]
+        ] = {}  # document -> (doc, longest length it is used for)
+        for length in active:
+            for d in plan[length]:
+                feed[d.name] = (d, length)
+        records: dict[int, list[list[dict[str, Any]]]] = {L: [[] for _ in group] for L in active}
         names = ",".join(c.name for c in group)
         bar = tqdm(
             list(feed.values()), desc=f"ppl nested [{names}]", unit="doc", disable=not progress, leave=False
@@ -365,7 +384,7 @@ def evaluate_perplexity_lengths(
                 return token_nlls(logits[:, :-1], ids[1:].expand(n, -1)).cpu()  # [n, top-1]
 
             per_pos = torch.stack(runner.call(group, fn))  # [G, top-1]; entry t-1 predicts token t
-            for length in plan:
+            for length in active:
                 if doc.name not in {d.name for d in plan[length]}:
                     continue
                 window = Window(doc.name, 0, length, 0)
@@ -373,7 +392,7 @@ def evaluate_perplexity_lengths(
                 sums = per_pos[:, offset - 1 : length - 1].sum(dim=1)  # [G]
                 for i in range(len(group)):
                     records[length][i].append(_window_record(doc, window, offset, float(sums[i])))
-        for length in sorted(plan):
+        for length in active:
             for i, cond in enumerate(group):
                 row = _row(cond.name, length, records[length][i])
                 out.append(row)
