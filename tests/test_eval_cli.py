@@ -92,7 +92,7 @@ def test_dotted_overrides():
             ["--perplexity.conditions_at", "{100: [none]}"],
             "conditions_at: 100 is not one of perplexity.lengths",
         ),
-        (["--perplexity.nested", "true", "--perplexity.stride", "32"], "nested=true needs stride: null"),
+        (["--perplexity.nested", "true", "--perplexity.stride", "32"], "nested=true:? needs stride: null"),
         (["--sweep.conditions", "[none, dims_high:mean]"], "takes no ablation mode"),
         (["--sweep.conditions", "[none, positional, positional]"], "has duplicates"),
     ],
