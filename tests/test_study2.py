@@ -294,7 +294,7 @@ def test_compare_reads_finetuned_runs_and_writes_outputs(tmp_path, capsys):
     (run / "report.json").write_text(
         json.dumps(
             {
-                "protocol": {"seed": 1, "finetune": "lora"},
+                "protocol": {"seed": 1, "finetuning": "lora(r=16, alpha=32)"},
                 "rows": [{"key": "after", "results": {"8192": {"ppl": 9.0}, "16384": {"ppl": 11.0}}}],
             }
         )

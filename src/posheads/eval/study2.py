@@ -264,6 +264,7 @@ class Study2Config:
         hda_rows: query rows per window for the HDA measurement; hda_keys_per_bin: keys per distance bin.
         n_boot: bootstrap resamples; seed: the bootstrap seed.
         threads: torch CPU threads (``null`` = torch's default). token_cache: tokenised-corpus cache.
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
         output_dir: where ``<point>/results.json`` and ``identification.json`` go.
         identification_file: reuse this ``identification.json`` (e.g. the base model's, to measure fine-tuned
             runs on the same heads) instead of identifying on the loaded model.
@@ -283,6 +284,7 @@ class Study2Config:
     seed: int = 0
     threads: int | None = None
     token_cache: str | None = None
+    device: str = "auto"
     output_dir: str = "runs/study2/training_free"
     identification_file: str | None = None
 
@@ -315,6 +317,8 @@ class Study2Config:
             _pos_int("threads", self.threads)
         if not self.output_dir:
             raise ValueError("output_dir='' must name a directory")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"device={self.device!r} is not 'auto', 'cpu' or 'cuda[:N]'")
         if self.passkey.keys_per_length and self.passkey.lengths[-1] > self.windows.length:
             raise ValueError(
                 f"passkey.lengths={self.passkey.lengths} go beyond the window length {self.windows.length} "
@@ -756,7 +760,8 @@ def run_study(
     started = time.perf_counter()
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
-    model.eval()
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
     l0 = cfg.original_context or original_context_length(model.config)
     num_pairs = rope_head_dim(model.config) // 2
     i_c = critical_pair_for(model.config, cfg.identify.analysis.critical, l0)

@@ -78,9 +78,12 @@ def _finetuned_extra(run: Path) -> dict[str, Any]:
     report = _load(run / "report.json") if (run / "report.json").is_file() else {}
     proto = report.get("protocol") or {}
     extra: dict[str, Any] = {"seed": proto.get("seed"), "finetune_run": run.name}
-    lora = (proto.get("model") or {}).get("lora") if isinstance(proto.get("model"), dict) else None
-    mode = proto.get("finetune") or ("lora" if lora else None)
+    described = str(
+        proto.get("finetuning") or ""
+    )  # "full" or "lora(r=16, alpha=32)" (LightningModule.describe)
+    mode = "lora" if described.startswith("lora") else "full" if described == "full" else None
     extra["setting"] = f"fine-tuned ({mode})" if mode else "fine-tuned"
+    extra["training"] = proto.get("training")
     after = next((r for r in report.get("rows", []) if r.get("key") == "after"), None)
     if after is not None:
         extra["report_ppl_after"] = {k: v.get("ppl") for k, v in after["results"].items()}
