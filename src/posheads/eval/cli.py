@@ -14,6 +14,11 @@ Order of work (everything that can fail on bad input fails before the weights ar
    to ``results.json`` at once (atomic rewrite);
 4. plots, a printed summary table, and the same to W&B when ``output.wandb`` is set.
 
+Several processes (``torchrun --nproc_per_node N evaluate.py --config X.yaml``, one per GPU, several nodes
+alike; gloo on CPU) split the identification batches, perplexity windows and retrieval prompts among
+themselves and produce the ``results.json`` a single process writes (:mod:`posheads.eval.distributed`); only
+rank 0 writes files and prints.
+
 Dotted overrides work on the command line (``--perplexity.lengths '[512,1024]' --sweep.max_rows 1``);
 ``--print_config`` prints the resolved configuration. Bad input is reported as one line, ``error:
 <option>=<value>: <reason>`` (exit status 2); ``--traceback`` or ``POSHEADS_TRACEBACK=1`` shows the traceback.
@@ -42,6 +47,7 @@ from posheads.data import TokenizedDocument, load_token_documents
 from posheads.errors import ConfigError, located, run_cli, user_input
 from posheads.eval.conditions import NONE, Condition, ConditionRunner, no_ablation
 from posheads.eval.config import EvalConfig
+from posheads.eval.distributed import SINGLE, Ranks, init_from_env, launched_distributed
 from posheads.eval.perplexity import evaluate_perplexity_lengths, perplexity_intervals
 from posheads.eval.plots import plot_results, summary_tables
 from posheads.eval.results import ResultsFile, load_results, package_versions
@@ -607,10 +613,20 @@ def run(cfg: EvalConfig, prepared: Prepared | None = None) -> dict[str, Any]:
     previous = torch.get_num_threads()
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    created = False
+    if launched_distributed():
+        import torch.distributed as dist
+
+        created = not dist.is_initialized()
     try:
         return _run(cfg, prepared)
     finally:
         torch.set_num_threads(previous)
+        if created:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
@@ -620,19 +636,24 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
     from posheads.eval import identify as ident
     from posheads.models import load_model
 
-    device = _device(cfg.device)
+    ranks, device = init_from_env(cfg.device)  # one process = SINGLE; torchrun: this rank's device
+    progress = cfg.progress and ranks.is_main
     model: Any = load_model(cfg.model, cfg.rope)
     model = model.to(device)
     model.eval()
     log.info("model loaded in %.1fs", time.time() - t0)
 
     out_dir = Path(cfg.output.dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     results = ResultsFile(
         out_dir,
         {"model": cfg.model.describe(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")},
         resume=cfg.output.resume,
+        writer=ranks.is_main,
     )
+    if ranks.distributed:  # rank 0's file (resumed rows) on every rank
+        results.data = ranks.broadcast(results.data)
 
     i_c = None
     if cfg.sweep.needs_dims:
@@ -649,8 +670,9 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                 probes,
                 cfg.heads,
                 out_dir,
-                progress=cfg.progress,
+                progress=progress,
                 need_means=cfg.sweep.uses_mean,
+                ranks=ranks,
             )
             table, means = found.table, found.means
             if found.files.get("csv") is not None:
@@ -684,6 +706,8 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
             )
         results.set("conditions", described)
         protocol = _protocol(cfg, prep, model, conditions, i_c)
+        protocol["device"] = str(device)
+        protocol["processes"] = ranks.world
         protocol["config"] = _config_dict(cfg)
         protocol["model_identity"] = prep.identity
         if prep.resume_changes:
@@ -691,7 +715,8 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
         if prep.table_differs:
             protocol["head_table_other_model"] = prep.table_differs
         results.set("protocol", protocol)
-        _print_plan(cfg, conditions)
+        if ranks.is_main:
+            _print_plan(cfg, conditions)
 
         needs_ablation = any(not c.is_noop for c in conditions)
         layout = cfg.heads.analysis.layout
@@ -730,7 +755,8 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                     runner=runner,
                     conditions=todo,
                     on_row=lambda row: results.append("perplexity", row.to_dict()),
-                    progress=cfg.progress,
+                    progress=progress,
+                    ranks=ranks,
                 )
             results.set(
                 "perplexity_intervals",
@@ -740,7 +766,7 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
         for task in ("passkey", "needle"):
             if task in cfg.tasks:
                 t_task = time.time()
-                _run_retrieval(cfg, task, model, prep, runner, conditions, results)
+                _run_retrieval(cfg, task, model, prep, runner, conditions, results, ranks)
                 timings[task] = round(time.time() - t_task, 1)
         results.set("status", "complete")
     except BaseException as err:
@@ -757,6 +783,8 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
         except OSError as write_err:  # e.g. a full disk: the last good results.json stays as it was
             log.error("could not record the end of the run in %s: %s", results.path, write_err)
     data = results.data
+    if not ranks.is_main:
+        return data
     plots = plot_results(data, out_dir) if cfg.output.plots else []
     print(summary_tables(data))
     print(f"\nresults: {results.path}  plots: {[p.name for p in plots]}  elapsed: {elapsed:.0f}s")
@@ -773,12 +801,14 @@ def _run_retrieval(
     runner: ConditionRunner,
     conditions: Sequence[Condition],
     results: ResultsFile,
+    ranks: Ranks = SINGLE,
 ) -> None:
     from posheads.eval.retrieval import evaluate_retrieval
 
     s = getattr(cfg, task)
     prompts = _retrieval_prompts(cfg, task, prep.tokenizer, prep.haystack)
-    for length in tqdm(s.lengths, desc=f"{task} lengths", disable=not cfg.progress):
+    progress = cfg.progress and ranks.is_main
+    for length in tqdm(s.lengths, desc=f"{task} lengths", disable=not progress):
         for depth in s.depths:
             todo = [
                 c for c in conditions if not results.has(task, condition=c.name, length=length, depth=depth)
@@ -796,7 +826,8 @@ def _run_retrieval(
                 conditions=todo,
                 on_row=lambda row: results.append(task, row.to_dict()),
                 on_trial=results.trial,
-                progress=cfg.progress,
+                progress=progress,
+                ranks=ranks,
             )
 
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from posheads.eval.conditions import Condition
+from posheads.eval.distributed import SINGLE, Ranks
 
 __all__ = ["Identification", "ablation_apply", "condition_masks", "identify"]
 
@@ -50,13 +51,21 @@ def identify(
     out_dir: str | Path,
     progress: bool = True,
     need_means: bool = False,
+    ranks: Ranks = SINGLE,
 ) -> Identification:
     """Identify the Positional Heads on ``probes`` (``[N, L]``) with ``settings.analysis``; save the table
-    and plots under ``out_dir``."""
+    and plots under ``out_dir``.
+
+    ``ranks``: the probe batches are split over the evaluation processes and the statistics summed
+    (:mod:`posheads.eval.distributed`); every rank gets the analysis, rank 0 writes the files. The mean head
+    outputs (mean ablation) are computed whole on every rank (one forward per probe), so every rank ablates
+    with the same means."""
     from posheads.heads import head_means, identify_positional_heads
 
-    analysis = identify_positional_heads(model, probes, settings.analysis, progress=progress)
-    files = analysis.save(out_dir, plots=getattr(settings, "plots", True))
+    analysis = identify_positional_heads(
+        model, probes, settings.analysis, progress=progress, shard=(ranks.rank, ranks.world)
+    )
+    files = analysis.save(out_dir, plots=getattr(settings, "plots", True)) if ranks.is_main else {}
     means = head_means(model, probes, batch_size=settings.analysis.batch_size) if need_means else None
     return Identification(analysis.table(), analysis, means, files)
 

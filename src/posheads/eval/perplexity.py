@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from posheads.data import TokenizedDocument, Window, window_document
 from posheads.eval.conditions import NONE, Condition, ConditionRunner
+from posheads.eval.distributed import SINGLE, Ranks
 from posheads.eval.intervals import DEFAULT_BOOT, DEFAULT_LEVEL, bootstrap_nll
 
 __all__ = [
@@ -225,12 +226,15 @@ def evaluate_perplexity(
     conditions: Sequence[Condition] | None = None,
     on_row: Callable[[PerplexityRow], None] | None = None,
     progress: bool = True,
+    ranks: Ranks = SINGLE,
 ) -> list[PerplexityRow]:
     """Perplexity at ``length`` under each condition of ``runner`` (default: no ablation only).
 
     Conditions are evaluated group by group (a group = one batched forward per window, one row per
     condition); ``on_row`` is called as soon as a condition's row is complete. ``conditions`` restricts
-    the runner's conditions (e.g. to the ones a resumed run still lacks).
+    the runner's conditions (e.g. to the ones a resumed run still lacks). ``ranks``: the windows are split
+    over the evaluation processes and their sums gathered in order (:mod:`posheads.eval.distributed`), so every
+    rank returns the single-process rows.
     """
     runner = runner or ConditionRunner(model, [NONE])
     pairs = perplexity_windows(
@@ -241,15 +245,23 @@ def evaluate_perplexity(
     for group in runner.groups(length, conditions):
         records: list[list[dict[str, Any]]] = [[] for _ in group]
         names = ",".join(c.name for c in group)
-        bar = tqdm(pairs, desc=f"ppl L={length} [{names}]", unit="win", disable=not progress, leave=False)
-        for doc, window in bar:
+
+        def bar(items: Any, names: str = names) -> Any:
+            desc = f"ppl L={length} [{names}]"
+            return tqdm(items, desc=desc, unit="win", disable=not progress, leave=False)
+
+        def window_sums(pair: tuple[TokenizedDocument, Window], group: Any = group) -> torch.Tensor:
+            doc, window = pair
             offset = scored_offset(window, score_last)
             ids = doc.ids[window.start : window.end].to(device)  # [L]
 
-            def fn(n: int, ids: torch.Tensor = ids, offset: int = offset) -> torch.Tensor:
+            def fn(n: int) -> torch.Tensor:
                 return window_nll_sums(model, ids.expand(n, -1), offset).cpu()  # [n]
 
-            sums = torch.stack(runner.call(group, fn))  # [G]
+            return torch.stack(runner.call(group, fn))  # [G]
+
+        for (doc, window), sums in zip(pairs, ranks.map(window_sums, pairs, wrap=bar)):
+            offset = scored_offset(window, score_last)
             for i in range(len(group)):
                 records[i].append(_window_record(doc, window, offset, float(sums[i])))
         for i, cond in enumerate(group):
@@ -306,6 +318,7 @@ def evaluate_perplexity_lengths(
     conditions_at: Mapping[int, Sequence[str]] | None = None,
     on_row: Callable[[PerplexityRow], None] | None = None,
     progress: bool = True,
+    ranks: Ranks = SINGLE,
 ) -> list[PerplexityRow]:
     """Perplexity at every length of ``lengths`` under each condition.
 
@@ -313,7 +326,8 @@ def evaluate_perplexity_lengths(
     window per document): each document is fed once per condition, at the longest length it is used for
     (:func:`nested_plan`), and every shorter length is scored on a prefix of that forward.
     ``conditions_at``: ``{length: names}`` -- only conditions whose name or family is listed run at that
-    length.
+    length. ``ranks``: windows (documents when nested) split over the evaluation processes, results gathered
+    in order (:mod:`posheads.eval.distributed`).
     """
     runner = runner or ConditionRunner(model, [NONE])
     todo = list(runner.conditions if conditions is None else conditions)
@@ -343,6 +357,7 @@ def evaluate_perplexity_lengths(
                 conditions=here,
                 on_row=on_row,
                 progress=progress,
+                ranks=ranks,
             )
         return rows
     if stride is not None or (max_windows_per_doc not in (None, 1)):
@@ -373,17 +388,22 @@ def evaluate_perplexity_lengths(
                 feed[d.name] = (d, length)
         records: dict[int, list[list[dict[str, Any]]]] = {L: [[] for _ in group] for L in active}
         names = ",".join(c.name for c in group)
-        bar = tqdm(
-            list(feed.values()), desc=f"ppl nested [{names}]", unit="doc", disable=not progress, leave=False
-        )
-        for doc, top in bar:
+        items = list(feed.values())
+
+        def bar(items: Any, names: str = names) -> Any:
+            return tqdm(items, desc=f"ppl nested [{names}]", unit="doc", disable=not progress, leave=False)
+
+        def doc_nlls(item: tuple[TokenizedDocument, int], group: Any = group) -> torch.Tensor:
+            doc, top = item
             ids = doc.ids[:top].to(device)  # [top]
 
-            def fn(n: int, ids: torch.Tensor = ids) -> torch.Tensor:
+            def fn(n: int) -> torch.Tensor:
                 logits = model(input_ids=ids.expand(n, -1), use_cache=False).logits  # [n, top, V]
                 return token_nlls(logits[:, :-1], ids[1:].expand(n, -1)).cpu()  # [n, top-1]
 
-            per_pos = torch.stack(runner.call(group, fn))  # [G, top-1]; entry t-1 predicts token t
+            return torch.stack(runner.call(group, fn))  # [G, top-1]; entry t-1 predicts token t
+
+        for (doc, _top), per_pos in zip(items, ranks.map(doc_nlls, items, wrap=bar)):
             for length in active:
                 if doc.name not in {d.name for d in plan[length]}:
                     continue

@@ -81,9 +81,19 @@ def _row_key(section: str, row: Mapping[str, Any]) -> tuple[Any, ...]:
 class ResultsFile:
     """``results.json`` of one run directory, rewritten atomically after every change."""
 
-    def __init__(self, output_dir: str | os.PathLike, protocol: Mapping[str, Any], resume: bool = False):
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        protocol: Mapping[str, Any],
+        resume: bool = False,
+        writer: bool = True,
+    ):
+        """``writer=False``: keep the data in memory only, never touch the directory (the ranks > 0 of a
+        multi-process evaluation; rank 0 writes)."""
         self.dir = Path(output_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.writer = writer
+        if writer:
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "results.json"
         self.trials_path = self.dir / "trials.jsonl"
         self.data: dict[str, Any] = {
@@ -97,6 +107,8 @@ class ResultsFile:
             "status": "running",
         }
         self._trial_keys: set[tuple[Any, ...]] = set()
+        if not writer:
+            return
         if resume and self.path.is_file():
             old = load_results(self.path)
             for key in ("heads", "heads_summary", "conditions", *SECTIONS):
@@ -192,7 +204,9 @@ class ResultsFile:
 
     def trial(self, record: Mapping[str, Any]) -> None:
         """Append one trial record to ``trials.jsonl`` (once: a record of the same task, condition, length,
-        depth and seed is not written again)."""
+        depth and seed is not written again; ``writer=False``: nothing)."""
+        if not self.writer:
+            return
         record = _jsonable(dict(record))
         key = self._trial_key(record)
         if key in self._trial_keys:
@@ -202,7 +216,10 @@ class ResultsFile:
         self._trial_keys.add(key)
 
     def write(self) -> None:
-        """Rewrite ``results.json`` atomically (a failed write leaves the previous file)."""
+        """Rewrite ``results.json`` atomically (a failed write leaves the previous file); ``writer=False``:
+        nothing."""
+        if not self.writer:
+            return
         atomic_write_json(self.path, self.data, indent=1, allow_nan=False)
 
 

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from posheads.data.retrieval import RetrievalPrompt, answer_matches
 from posheads.eval.conditions import NONE, Condition, ConditionRunner
+from posheads.eval.distributed import SINGLE, Ranks
 
 __all__ = [
     "SCORINGS",
@@ -122,12 +123,15 @@ def evaluate_retrieval(
     on_row: Callable[[RetrievalRow], None] | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    ranks: Ranks = SINGLE,
 ) -> list[RetrievalRow]:
     """Accuracy of greedy answers to ``prompts`` under each condition of ``runner`` (default: none).
 
     Prompts are grouped by ``(length, depth)``; rows are emitted (``on_row``) per condition and cell as soon
     as a cell is complete for a group of conditions. ``on_trial`` receives every trial's record
-    (condition, length, depth, seed, answer, generated text, correct).
+    (condition, length, depth, seed, answer, generated text, correct). ``ranks``: the prompts of a cell are
+    split over the evaluation processes and their answers gathered in order (:mod:`posheads.eval.distributed`):
+    every rank returns the single-process rows and sees every trial record.
     """
     runner = runner or ConditionRunner(model, [NONE])
     device = next(model.parameters()).device
@@ -139,21 +143,21 @@ def evaluate_retrieval(
         for group in runner.groups(length, conditions):
             correct = [0] * len(group)
             names = ",".join(c.name for c in group)
-            bar = tqdm(
-                cell,
-                desc=f"{task} L={length} d={depth:g} [{names}]",
-                unit="trial",
-                disable=not progress,
-                leave=False,
-            )
-            for prompt in bar:
+
+            def bar(items: Any, names: str = names, length: int = length, depth: float = depth) -> Any:
+                desc = f"{task} L={length} d={depth:g} [{names}]"
+                return tqdm(items, desc=desc, unit="trial", disable=not progress, leave=False)
+
+            def answers(prompt: RetrievalPrompt, group: Any = group) -> list[str]:
                 ids = prompt.input_ids.to(device)  # [L]
 
-                def fn(n: int, ids: torch.Tensor = ids) -> list[str]:
+                def fn(n: int) -> list[str]:
                     new = greedy_decode(model, ids.expand(n, -1), max_new_tokens, tokenizer)  # [n, t]
                     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
-                texts = runner.call(group, fn)
+                return list(runner.call(group, fn))
+
+            for prompt, texts in zip(cell, ranks.map(answers, cell, wrap=bar)):
                 for i, (cond, text) in enumerate(zip(group, texts)):
                     ok = answer_matches(text, prompt.answer)
                     correct[i] += ok

@@ -38,6 +38,7 @@ from posheads.heads.stats import (
     PairStats,
     PairStatsCollector,
     RowPlan,
+    all_reduce,
     bin_edges,
     collector_for_model,
     num_bins_for,
@@ -384,6 +385,7 @@ def identify_positional_heads(
     cfg: HeadsConfig | None = None,
     progress: bool = True,
     attention_mask: torch.Tensor | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> HeadAnalysis:
     """Identify the Positional Heads of ``model`` on a probe set.
 
@@ -393,6 +395,9 @@ def identify_positional_heads(
         cfg: analysis options (defaults: 64 rows per sequence, attention-weighted Pearson score, top 10 %).
         progress: show a progress bar.
         attention_mask: optional ``[N, L]`` padding mask (1 = token).
+        shard: ``(rank, world)``: this process runs the batches ``rank, rank + world, ...`` and the statistics
+            are summed over the processes (:func:`posheads.heads.stats.all_reduce`; every rank must call with
+            the same sequences); ``(0, 1)`` = everything here.
 
     Query rows are sampled per sequence with seed ``cfg.seed * 1_000_003 + index`` (so a sequence gets the same
     rows whatever the batching); the null permutation and key sampling are seeded per batch.
@@ -417,7 +422,8 @@ def identify_positional_heads(
     decoder = _decoder(model)
     was_training = model.training
     model.eval()
-    starts = range(0, n_seq, cfg.batch_size)
+    rank, world = shard
+    starts = range(rank * cfg.batch_size, n_seq, world * cfg.batch_size)
     if progress:
         from tqdm.auto import tqdm
 
@@ -439,6 +445,8 @@ def identify_positional_heads(
                 decoder(input_ids=ids, attention_mask=am)
     finally:
         model.train(was_training)
+    if world > 1:
+        all_reduce(collector.stats)
     config = first.config
     i_c = critical_pair_for(config, cfg.critical, cfg.original_context)
     meta = {
