@@ -429,3 +429,18 @@ def test_one_tracker_evaluation(name):
         crit = critical_pair_for(model, "critical", original_context=64)
         assert isinstance(crit, list) and crit[0] != crit[1]
         analyze(result.stats, cfg, crit)
+
+
+@pytest.mark.parametrize("name", ["qwen2", "phi", "deepseek_v3"])
+def test_critical_pair_uses_the_rotary_width_and_the_pretrained_theta(name):
+    """``i_c`` counts rotary pairs only (partial rotary, MLA) and survives an NTK base change (layer_types
+    present but one flat RoPE: the recorded pre-trained theta is used)."""
+    from posheads.rope import critical_pair
+
+    model = build(name, fresh=True)
+    rope = model_rope(model)
+    expect = critical_pair(rope[0].rotary_dim, rope[0].rope_theta, 64)
+    assert critical_pair_for(model, "critical", original_context=64) == expect
+    apply_rope_scaling_to_model(model, RopeScaling(method="ntk", factor=4.0))
+    assert model.config.rope_parameters["rope_theta"] > rope[0].rope_theta  # the base really changed
+    assert critical_pair_for(model, "critical", original_context=64) == expect

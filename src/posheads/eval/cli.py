@@ -642,6 +642,12 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
     model = model.to(device)
     model.eval()
     log.info("model loaded in %.1fs", time.time() - t0)
+    if "heads" in cfg.tasks or cfg.sweep.needs_dims:
+        from posheads.rope.layout import model_rope
+
+        # the RoPE description every analysis uses, checked on the model before any task runs
+        rope = model_rope(model)
+        log.info("RoPE verified: %s (max shift-check error %.1e)", rope.layers[0].describe(), rope.max_error)
 
     out_dir = Path(cfg.output.dir)
     if ranks.is_main:

@@ -70,7 +70,7 @@ def _as(cls: type, value: Any) -> Any:
     return cls(**value) if isinstance(value, dict) else value
 
 
-def eager_attention_bytes(model: nn.Module, length: int, batch_size: int = 1) -> int:
+def eager_attention_bytes(model: Any, length: int, batch_size: int = 1) -> int:
     """Bytes of attention weights that eager attention keeps for the backward pass of one forward:
     ``layers x heads x L^2 x batch`` in the model's dtype, twice (pre- and post-softmax tensors)."""
     config = model.config
@@ -80,7 +80,7 @@ def eager_attention_bytes(model: nn.Module, length: int, batch_size: int = 1) ->
     return 2 * layers * heads * length * length * batch_size * param.element_size()
 
 
-def check_eager_training(model: nn.Module, length: int) -> None:
+def check_eager_training(model: Any, length: int) -> None:
     """Eager attention for training: refused when the model supports SDPA (it would materialise the
     ``L x L`` weights for nothing); accepted with a memory warning when Transformers refuses SDPA for it."""
     base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model

@@ -13,6 +13,7 @@ Typical use::
 """
 
 from . import reference
+from .layout import LayerRope, ModelRope, describe_rope, model_rope, verify_rope
 from .model import apply_rope_scaling_to_model, model_inverse_frequencies, rotary_embedding_modules
 from .scaling import (
     PROVENANCE_ATTRIBUTE,
@@ -33,6 +34,11 @@ from .scaling import (
 )
 
 __all__ = [
+    "LayerRope",
+    "ModelRope",
+    "describe_rope",
+    "model_rope",
+    "verify_rope",
     "PROVENANCE_ATTRIBUTE",
     "SCALING_METHODS",
     "RopeBase",

@@ -326,7 +326,8 @@ def describe_rope(model_or_config: Any) -> ModelRope:
         from posheads.rope.scaling import PROVENANCE_ATTRIBUTE
 
         prov = getattr(cfg, PROVENANCE_ATTRIBUTE, None)
-        base_theta = float(prov["base_rope_theta"]) if isinstance(prov, Mapping) and not layer_type else theta
+        # a posheads scaling records the pre-trained theta (an NTK scaling rewrites rope_theta); flat configs only
+        base_theta = float(prov["base_rope_theta"]) if isinstance(prov, Mapping) and flat else theta
         if gptj_style:
             inv = 1.0 / 10000.0 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
         else:

@@ -702,7 +702,7 @@ def _compose(config: Any, cfg: Any, scaling: RopeScaling, prior: dict[str, Any],
     """Apply ``scaling`` on top of the checkpoint's own scaling ``prior`` (see :func:`apply_rope_scaling`)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    prior_type = prior.get("rope_type", prior.get("type"))
+    prior_type = str(prior.get("rope_type", prior.get("type")))
     l0 = int(prior.get("original_max_position_embeddings") or prior_max)
     theta = float(prior["rope_theta"])
     what = f"model_type={_model_type(cfg)!r} already carries rope_type={prior_type!r} scaling"
