@@ -160,44 +160,27 @@ def test_exact_statistics_match_brute_force_with_padding(kv_heads: int, sink_key
     assert any(not torch.equal(plan.null_map(0)[k], plan.null_map(1)[k]) for k in plan.null_map(0))
 
 
-def test_sampled_keys_exact_on_small_bins_and_unbiased():
-    """keys_per_bin=C: bins with <= ceil(C/2) keys are exact; larger bins are unbiased estimates (checked
-    against the exact sums over many rows) with exact totals in expectation."""
+def test_sampled_keys_exact_on_small_bins():
+    """keys_per_bin=C: bins with <= ceil(C/2) keys are enumerated, so their sums equal the exact ones in every
+    draw (unbiasedness of the larger bins: tests/test_heads_estimator.py)."""
     model = tiny(2, rope_theta=10000.0)
     length = 256
     ids = torch.randint(0, 97, (2, length))
     am = torch.ones(2, length, dtype=torch.long)
     rows = sample_query_rows(torch.ones(2, length, dtype=torch.bool), 64, [0, 1])
     exact = run_collector(model, ids, am, rows, keys_per_bin=None)[0].stats
-    runs = []
-    for seed in range(3):
+    small = 4  # bins 0..3 hold at most ceil(8/2) = 4 keys: enumerated exactly
+    for seed in range(2):
         col = collector_for_model(model, num_bins_for(length), keys_per_bin=8)
         col.plan = RowPlan(rows=rows, seed=seed)
         with torch.no_grad(), attention_hooks(model, col):
             model(ids, attention_mask=am)
-        runs.append(col.stats)
-    sampled = runs[0]
-    small = 4  # bins 0..3 hold at most ceil(8/2) = 4 keys: enumerated exactly
-    for name in ("dom", "g", "pp"):
-        torch.testing.assert_close(
-            getattr(sampled, name)[..., :small, :], getattr(exact, name)[..., :small, :]
-        )
-    pooled = runs[0].clone()
-    for other in runs[1:]:
-        pooled.merge(other)
-    n = len(runs)
-    for w in (0, 1):
-        mass_exact = exact.mass(w)[..., small:]
-        mass_est = pooled.mass(w)[..., small:] / n
-        rel = ((mass_est - mass_exact).abs() / mass_exact.clamp(min=1e-12)).amax()
-        assert rel < 0.08, (w, float(rel))
-        # the dominant-pair distribution per bin (what HDA reads) agrees closely
-        share_exact = exact.dom[w][..., small:, :] / exact.dom[w][..., small:, :].sum(-1, keepdim=True)
-        share_est = pooled.dom[w][..., small:, :] / pooled.dom[w][..., small:, :].sum(-1, keepdim=True)
-        assert (share_est - share_exact).abs().amax() < 0.08
-    high_exact = exact.dom[1][..., 4:].sum(-1).sum(-1) / exact.dom[1].sum((-1, -2))
-    high_est = pooled.dom[1][..., 4:].sum(-1).sum(-1) / pooled.dom[1].sum((-1, -2))
-    assert (high_exact - high_est).abs().amax() < 0.02
+        for name in ("dom", "g", "pp"):
+            torch.testing.assert_close(
+                getattr(col.stats, name)[..., :small, :], getattr(exact, name)[..., :small, :]
+            )
+        # the larger bins are estimates: they differ from the exact sums (the draws are not enumerations)
+        assert not torch.allclose(col.stats.g[..., small:, :], exact.g[..., small:, :])
 
 
 def test_batching_does_not_change_the_sums():

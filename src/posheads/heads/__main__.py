@@ -44,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=HeadsConfig.sink_keys,
         help="leave the keys at positions n < k out of every statistic (default %(default)s; 0 = every key)",
     )
+    p.add_argument(
+        "--no-geometry-null",
+        action="store_true",
+        help="skip the RoPE-geometry null (key content shuffled over positions; doubles the statistics pass)",
+    )
     p.add_argument("--no-plots", action="store_true")
     return p
 
@@ -76,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=args.batch_size,
         seed=args.seed,
         sink_keys=args.sink_keys,
+        geometry_null=not args.no_geometry_null,
     )
     model_cfg = ModelConfig(name_or_path=args.model)
     model = load_model(model_cfg)
@@ -103,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         json.dumps({"hda_positional": summary["hda_positional"], "hda_other": summary["hda_other"]}, indent=1)
     )
-    print(json.dumps({"sinks": summary["sinks"]}, indent=1))
+    print(json.dumps({"sinks": summary["sinks"], "null_geometry": summary["null_geometry"]}, indent=1))
     print("wrote", ", ".join(str(p) for p in paths.values()))
 
 

@@ -51,6 +51,9 @@ class HeadsConfig:
             profiles. They are accumulated exactly on the side, so the analysis also reports every head's
             score with them (``score_with_sinks``) and its attention share on the first ``max(k, 1)`` keys
             (``sink_share``). ``0`` keeps every key. Default 1 (evidence in docs/definitions.md).
+        geometry_null: also compute the RoPE-geometry null (``null_geometry``: the same statistics with the key
+            content shuffled over positions and re-rotated, see :mod:`posheads.heads.stats`); doubles the
+            statistics pass's own cost (not the forwards').
     """
 
     rows_per_sequence: int = 64
@@ -73,6 +76,7 @@ class HeadsConfig:
     chunk_elements: int = 1 << 20
     profile_head: tuple[int, int] | None = None
     sink_keys: int = 1
+    geometry_null: bool = True
 
     def __post_init__(self) -> None:
         def positive_int(name: str, allow_none: bool = False, minimum: int = 1) -> None:
@@ -88,6 +92,8 @@ class HeadsConfig:
         positive_int("batch_size")
         positive_int("chunk_elements")
         positive_int("sink_keys", minimum=0)
+        if not isinstance(self.geometry_null, bool):
+            raise ValueError(f"heads.geometry_null={self.geometry_null!r} must be true or false")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"heads.seed={self.seed!r} must be an int >= 0")
         if self.score not in SCORE_VARIANTS:

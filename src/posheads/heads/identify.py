@@ -69,6 +69,8 @@ class HeadAnalysis:
         sink_share, sink_share_se: ``[NL, H]`` mean attention share of the first ``stats.sink_positions``
             keys (``max(sink_keys, 1)``) over the sampled query rows, and its standard error.
         sink_stats: the sums over the sink pairs (``None`` when ``config.sink_keys == 0``).
+        null_geometry: ``[NL, H]`` the configured score on the RoPE-geometry null's statistics (key content
+            shuffled over positions and re-rotated; ``None`` when not computed); ``geometry_stats`` its sums.
         with_sinks_analysis: the analysis of ``stats + sink_stats`` with ``sink_keys = 0`` (``None`` when
             ``config.sink_keys == 0`` -- then this analysis already has every key -- or the sink sums are
             missing); see :meth:`with_sinks`.
@@ -93,6 +95,8 @@ class HeadAnalysis:
     sink_share_se: torch.Tensor | None = None
     sink_stats: PairStats | None = None
     with_sinks_analysis: HeadAnalysis | None = None
+    null_geometry: torch.Tensor | None = None
+    geometry_stats: PairStats | None = None
 
     def __post_init__(self) -> None:
         if self.sink_share is None or self.sink_share_se is None:
@@ -158,6 +162,7 @@ class HeadAnalysis:
         full = self.with_sinks_analysis if self.config.sink_keys else self
         rank_full = None if full is None else _ranks(full.ranking)
         rank = _ranks(self.ranking)
+        geo = self.null_geometry
         assert self.sink_share is not None and self.sink_share_se is not None
         rows = []
         for layer in range(self.num_layers):
@@ -175,6 +180,10 @@ class HeadAnalysis:
                     "hda_extension_distance": int(self.hda_extension_distance[layer, head]),
                     "hda_area": _float(self.hda_area[layer, head]),
                     "hda_mean": _float(self.hda_mean[layer, head]),
+                    "null_geometry": None if geo is None else _float(geo[layer, head]),
+                    "excess_geometry": None
+                    if geo is None
+                    else _float(self.scores[layer, head] - geo[layer, head]),
                     "sink_share": _float(self.sink_share[layer, head]),
                     "sink_share_se": _float(self.sink_share_se[layer, head]),
                     "score_with_sinks": None if full is None else _float(full.scores[layer, head]),
@@ -207,12 +216,32 @@ class HeadAnalysis:
             "hda_positional": self.set_hda(self.positional),
             "hda_other": self.set_hda(others),
             "bin_edges": [list(e) for e in self.bin_edges()],
+            "null_geometry": self.geometry_summary(),
             "sink_keys": self.config.sink_keys,
             "sinks": self.sink_summary(),
             "meta": self.meta,
             "config": self.config.to_dict(),
         }
         return out
+
+    def geometry_summary(self) -> dict[str, Any] | None:
+        """The RoPE-geometry null against the score: medians over heads, means over the Positional Heads
+        and the others, and how many Positional Heads score above their geometry null (``None`` if off)."""
+        geo = self.null_geometry
+        if geo is None:
+            return None
+        excess = self.scores - geo
+        pos = self.positional
+        return {
+            "median": _float(geo.nanmedian()),
+            "positional_mean": _float(set_average(geo, pos)),
+            "other_mean": _float(set_average(geo, ~pos)),
+            "excess_median": _float(excess.nanmedian()),
+            "excess_positional_mean": _float(set_average(excess, pos)),
+            "excess_other_mean": _float(set_average(excess, ~pos)),
+            "positional_above": int((excess[pos] > 0).sum()),
+            "positional_count": int(pos.sum()),
+        }
 
     def sink_summary(self) -> dict[str, Any]:
         """Sink share (median over heads, mean over the Positional Heads and over the others, rows behind
@@ -262,6 +291,8 @@ class HeadAnalysis:
         saved = {"stats": self.stats.state_dict(), "config": self.config.to_dict(), "meta": self.meta}
         if self.sink_stats is not None:
             saved["sink_stats"] = self.sink_stats.state_dict()
+        if self.geometry_stats is not None:
+            saved["geometry_stats"] = self.geometry_stats.state_dict()
         torch.save(saved, paths["stats"])
         if plots:
             from posheads.heads.plots import save_all_plots
@@ -294,11 +325,13 @@ def analyze(
     meta: dict[str, Any] | None = None,
     *,
     sink_stats: PairStats | None = None,
+    geometry_stats: PairStats | None = None,
 ) -> HeadAnalysis:
     """Scores, null, z, selection and HDA from accumulated sums (pure).
 
     ``stats`` are the sums without the sink pairs (``cfg.sink_keys``); ``sink_stats`` the sink pairs' sums
-    (from the same pass), from which the analysis with every key (:meth:`HeadAnalysis.with_sinks`) is derived.
+    (from the same pass), from which the analysis with every key (:meth:`HeadAnalysis.with_sinks`) is derived;
+    ``geometry_stats`` the RoPE-geometry null's sums (same keys as ``stats``).
     """
     import dataclasses
 
@@ -310,6 +343,10 @@ def analyze(
     scores = positional_scores(stats, cfg.score, **kwargs)
     null = positional_scores(stats, cfg.score, null=True, **kwargs)
     excess = scores - null
+    null_geometry = None
+    if geometry_stats is not None:
+        geometry_stats = geometry_stats.to("cpu")
+        null_geometry = positional_scores(geometry_stats, cfg.score, **kwargs)
     ranking = excess if cfg.rank_by == "excess" else scores
     z = zscores(ranking)
     positional = select_heads(
@@ -345,6 +382,8 @@ def analyze(
         meta=dict(meta or {}),
         sink_stats=None if sink_stats is None else sink_stats.to("cpu"),
         with_sinks_analysis=full,
+        null_geometry=null_geometry,
+        geometry_stats=geometry_stats,
     )
 
 
@@ -376,6 +415,7 @@ def collector_for_config(
         seed=cfg.seed,
         device=device if device is not None else next(model.parameters()).device,
         sink_keys=cfg.sink_keys,
+        geometry_null=cfg.geometry_null,
     )
 
 
@@ -465,4 +505,11 @@ def identify_positional_heads(
         "rows_accumulated": float(collector.stats.rows),
         "stats_seconds": collector.seconds,
     }
-    return analyze(collector.stats, cfg, i_c, meta, sink_stats=collector.sink_stats)
+    return analyze(
+        collector.stats,
+        cfg,
+        i_c,
+        meta,
+        sink_stats=collector.sink_stats,
+        geometry_stats=collector.geometry_stats,
+    )

@@ -1,6 +1,6 @@
 """Per-pair attention statistics accumulated in one pass over a probe set.
 
-For one head (notation of ``docs``/DESIGN.md section 2, after Hong et al., arXiv 2410.08703): query position
+For one head (notation of docs/definitions.md, after Hong et al., arXiv 2410.08703): query position
 ``m``, key ``n <= m``, distance ``delta = m - n``, post-RoPE ``q~``, ``k~``, per-pair contribution
 ``g_i = q~[i] k~[i] + q~[i + d/2] k~[i + d/2]`` (``sum_i g_i = q~ . k~``), dominant pair ``D = argmax_i g_i``,
 pair shares ``p = softmax_i(g_i / T)``, soft dominant pair ``S = sum_i i p_i``, the head's attention
@@ -22,6 +22,22 @@ which keeps the sequence's distance distribution and the attention pattern but m
 the pair allocation, so every null correlation has expectation 0. (Permuting only within each query row
 would keep the between-row association -- rows late in the sequence have both longer distances and, for a
 positional head, higher pairs -- and give a positional head a clearly positive null.)
+
+**Attention sinks** (``sink_keys = k``). The pairs whose key position is ``n < k`` are left out of every sum
+of :attr:`PairStatsCollector.stats` -- the keys are excluded before sampling -- and accumulated exactly (every
+such key, never sampled) into :attr:`PairStatsCollector.sink_stats`, so ``stats + sink_stats`` are the sums
+over all keys from the same pass. The attention probabilities stay the model's own (normalised over every key,
+sinks included); the attention on the first ``max(k, 1)`` positions is recorded per head (``sink_mass``).
+
+**RoPE-geometry null** (``geometry_null``). The permuted-position null above has expectation 0 by construction,
+but a head whose q/k content does not depend on position at all still gets a positive score from RoPE alone
+(high-frequency pairs decorrelate with distance, low-frequency ones do not). The geometry null measures that
+baseline for each head: the key content is shuffled over the sequence's positions ``>= k`` and re-rotated at
+its new position (``k'_n = R_n k_{s(n)}``, un-rotating the captured ``k~`` with the model's own frequencies),
+the queries, the sink keys and the distances are kept, the attention is recomputed, and every statistic is
+accumulated again (:attr:`PairStatsCollector.geometry_stats`). A head whose key content carries no
+information about its position scores the same on the shuffled keys (for position-independent content the
+two are identical); the excess over it is what the key content's arrangement in the sequence adds.
 
 **Sampling and cost.** Query rows are sampled (stratified over each sequence, seeded: :func:`sample_query_rows`);
 each row's full logit row ``q~_m . K~[:m+1]`` (``O(rows x L x d)``) gives the exact attention probabilities.
@@ -53,6 +69,7 @@ from __future__ import annotations
 
 import bisect
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -413,6 +430,10 @@ class PairStatsCollector:
             ``stats + sink_stats`` are the sums over all keys. The attention probabilities stay the model's
             (normalised over every key). ``stats.sink_mass`` records the attention on the first
             ``max(k, 1)`` positions.
+        geometry_null: also accumulate :attr:`geometry_stats`, the statistics of the RoPE-geometry null (see
+            the module docstring), with the frequencies of ``layout`` (a description) or ``rope_inv_freq``.
+        rope_inv_freq: RoPE frequencies ``theta_i`` ``[P]`` for the geometry null, or a callable returning them
+            at hook time; overrides those of the description.
     """
 
     def __init__(
@@ -430,6 +451,8 @@ class PairStatsCollector:
         seed: int = 0,
         device: Any = None,
         sink_keys: int = 0,
+        geometry_null: bool = False,
+        rope_inv_freq: torch.Tensor | Callable[[], torch.Tensor] | None = None,
     ) -> None:
         if not isinstance(layout, str) and layout.num_pairs * 2 != head_dim:
             raise ValueError(
@@ -445,6 +468,10 @@ class PairStatsCollector:
             raise ValueError(f"num_bins={num_bins!r} must be >= 1")
         if not isinstance(sink_keys, int) or isinstance(sink_keys, bool) or sink_keys < 0:
             raise ValueError(f"sink_keys={sink_keys!r} must be an int >= 0")
+        if geometry_null and rope_inv_freq is None and isinstance(layout, str):
+            raise ValueError(
+                "geometry_null=True needs the RoPE frequencies: a RoPE description as layout, or rope_inv_freq"
+            )
         self.num_heads = num_heads
         self.head_dim = head_dim
         self.num_pairs = head_dim // 2
@@ -460,6 +487,9 @@ class PairStatsCollector:
         self.stats = self._zeros(num_layers, device)
         #: sums over the sink pairs (key position ``n < sink_keys``); ``None`` when ``sink_keys == 0``
         self.sink_stats: PairStats | None = self._zeros(num_layers, device) if sink_keys else None
+        #: sums of the RoPE-geometry null (key content shuffled over positions, re-rotated); ``None`` if off
+        self.geometry_stats: PairStats | None = self._zeros(num_layers, device) if geometry_null else None
+        self.rope_inv_freq = rope_inv_freq
         self.plan: RowPlan | None = None
         self._auto_forwards = 0
         self._auto = False
@@ -476,6 +506,8 @@ class PairStatsCollector:
         out, self.stats = self.stats, self._zeros(self.stats.num_layers, device)
         if self.sink_stats is not None:
             self.sink_stats = self._zeros(self.stats.num_layers, device)
+        if self.geometry_stats is not None:
+            self.geometry_stats = self._zeros(self.stats.num_layers, device)
         return out
 
     # ---- plan handling
@@ -514,18 +546,69 @@ class PairStatsCollector:
                     sink_sums = _LayerSums(self.num_heads, self.num_bins, self.num_pairs, call.query.device)
                     self._block(sink_sums, rows, k_flat, seq, self._sink_block(rows))
                     sink_sums.add_to(self.sink_stats, layer)
-                dev = self.stats.sink_mass.device
-                self.stats.sink_mass[layer] += rows.sink_a.sum(1).to(dev, torch.float64)
-                self.stats.sink_sq[layer] += rows.sink_a.sum(-1).double().square().sum(1).to(dev)
+                self._add_sink_mass(self.stats, layer, rows)
+                if self.geometry_stats is not None:
+                    k_null = self._geometry_keys(call, plan, k)
+                    rows_null = self._prepare_rows(call, plan, k_null)
+                    assert rows_null is not None
+                    sums = _LayerSums(self.num_heads, self.num_bins, self.num_pairs, call.query.device)
+                    self._accumulate_layer(layer, self._flat_keys(k_null), seq, rows_null, plan, sums)
+                    sums.add_to(self.geometry_stats, layer)
+                    self._add_sink_mass(self.geometry_stats, layer, rows_null)
         if not plan.done_layers:
-            self.stats.rows += float((plan.rows >= 0).sum())  # (sink_stats.rows stays 0: stats + sink_stats)
+            count = float((plan.rows >= 0).sum())
+            self.stats.rows += count  # (sink_stats.rows stays 0: stats + sink_stats)
+            if self.geometry_stats is not None:
+                self.geometry_stats.rows += count
         plan.done_layers.add(call.layer_idx)
         self.seconds += time.perf_counter() - started
         return None
 
+    @staticmethod
+    def _add_sink_mass(stats: PairStats, layer: int, rows: _Rows) -> None:
+        dev = stats.sink_mass.device
+        stats.sink_mass[layer] += rows.sink_a.sum(1).to(dev, torch.float64)
+        stats.sink_sq[layer] += rows.sink_a.sum(-1).double().square().sum(1).to(dev)
+
+    def _geometry_keys(self, call: AttentionCall, plan: RowPlan, k: torch.Tensor) -> torch.Tensor:
+        """The keys of the RoPE-geometry null: ``k'_n = R_n k_{s(n)}``, half layout ``[B, Hkv, L, d]``.
+
+        ``s`` is a random permutation (seeded per plan and layer, one per sequence) of the sequence's
+        non-padding positions ``>= sink_keys``; the content ``k_{s(n)} = R_{s(n)}^{-1} k~_{s(n)}`` of position
+        ``s(n)`` is rotated to position ``n``, i.e. ``k~_{s(n)}`` is rotated by ``theta_i (n - s(n))`` in pair
+        ``i`` (pass-through components move unrotated). Sink keys and padding keep their keys; positions are
+        ``0 .. L-1`` (no ``position_ids``). ``k`` is in pair order (:meth:`_to_pairs`).
+        """
+        if self.rope_inv_freq is not None:
+            freq = self.rope_inv_freq() if callable(self.rope_inv_freq) else self.rope_inv_freq
+        else:
+            freq = torch.tensor(self.layout[call.layer_idx].inv_freq)
+        inv_freq = torch.as_tensor(freq).to(k.device, torch.float64).flatten()
+        if inv_freq.numel() != self.num_pairs:
+            raise ValueError(
+                f"layer {call.layer_idx}: the RoPE-geometry null needs one frequency per pair, got "
+                f"{inv_freq.numel()} for {self.num_pairs} pairs"
+            )
+        gen = torch.Generator().manual_seed(int(plan.seed) * 15485863 + 3 * call.layer_idx + 11)
+        bsz, _, seq, _ = k.shape
+        valid = call.query_valid()  # [B, L] non-padding positions
+        positions = torch.arange(seq, device=k.device)
+        out = k.clone()
+        p_dim = self.num_pairs
+        for b in range(bsz):
+            target = (valid[b] & (positions >= self.sink_keys)).nonzero().flatten()  # n
+            source = target[torch.randperm(target.numel(), generator=gen).to(k.device)]  # s(n)
+            angle = (target - source).double()[:, None] * inv_freq[None, :]  # [n, P]
+            cos, sin = angle.cos(), angle.sin()
+            x = k[b][:, source].double()  # [Hkv, n, d]: pairs (i, i + P), then pass-through components
+            x1, x2, rest = x[..., :p_dim], x[..., p_dim : 2 * p_dim], x[..., 2 * p_dim :]
+            rotated = [x1 * cos - x2 * sin, x1 * sin + x2 * cos, rest]  # pass-through: moved, not rotated
+            out[b][:, target] = torch.cat(rotated, -1).to(k.dtype)
+        return out
+
     # ---- per-layer preparation: rows, attention probabilities, null permutation
     def _prepare_rows(self, call: AttentionCall, plan: RowPlan, k: torch.Tensor) -> _Rows | None:
-        """Sampled rows, their exact attention rows over the keys ``k`` (half layout ``[B, Hkv, L, d]``),
+        """Sampled rows, their exact attention rows over the keys ``k`` (pair order, ``[B, Hkv, L, d]``),
         the sink keys' attention and the null permutation."""
         device = call.query.device
         bsz, n_heads, seq, _ = call.query.shape
