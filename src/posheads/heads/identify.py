@@ -487,8 +487,9 @@ def identify_positional_heads(
         model.train(was_training)
     if world > 1:
         all_reduce(collector.stats)
-        if collector.sink_stats is not None:
-            all_reduce(collector.sink_stats)
+        for extra in (collector.sink_stats, collector.geometry_stats):
+            if extra is not None:
+                all_reduce(extra)
     config = first.config
     i_c = critical_pair_for(config, cfg.critical, cfg.original_context)
     meta = {
