@@ -86,7 +86,7 @@ def test_dotted_overrides():
         (["--heads.analysis.rank_by", "z"], "heads.analysis.rank_by=.z.: is not one of"),
         (
             ["--perplexity.conditions_at", "{128: [none, lowst]}"],
-            r"conditions_at\[128\]: \['lowst'\] are not",
+            r"conditions_at\[128\]: unknown condition 'lowst'",
         ),
         (
             ["--perplexity.conditions_at", "{100: [none]}"],

@@ -277,3 +277,33 @@ def test_lowest_heads_follow_the_tables_rank_else_the_score(tmp_path):
     assert lowest_heads(rows, 2) == [(3, 4), (3, 5)]
     (tmp_path / "results.json").write_text(json.dumps({"heads": rows}))
     assert [r["rank"] for r in read_head_table(tmp_path)] == list(range(1, 25))
+
+
+def test_allkeys_variant_has_its_own_matched_controls_and_both_sets_are_avoided():
+    pos = [(0, 1), (2, 3), (2, 5), (3, 0)]
+    pos_all = [(1, 0), (1, 1), (2, 3), (3, 2)]
+    table = _table_with(pos)
+    for r in table:
+        r["positional_with_sinks"] = (r["layer"], r["head"]) in set(pos_all)
+        r["rank_with_sinks"] = r["layer"] * 6 + r["head"] + 1  # the reverse of the score order
+    conds = build_conditions(
+        ["positional", "random", "lowest", "positional_allkeys", "random_allkeys", "lowest_allkeys"],
+        table=table,
+        shape=SHAPE,
+        random_seeds=range(6),
+    )
+    by = {c.name: c for c in conds}
+    assert by["positional_allkeys"].heads == tuple(sorted(pos_all))
+    both = set(pos) | set(pos_all)
+    for c in conds:
+        if not c.name.startswith("positional"):
+            assert not set(c.heads) & both, c.name  # no Positional Head of either variant
+    assert (
+        by["random_allkeys@3"].per_layer == {1: 2, 2: 1, 3: 1}
+        and by["random_allkeys@3"].family == "random_allkeys"
+    )
+    assert by["random@3"].per_layer == {0: 1, 2: 2, 3: 1}
+    # lowest_allkeys follows rank_with_sinks (reversed: the highest-index heads of each layer are lowest)
+    assert set(by["lowest_allkeys"].heads) == {(1, 5), (1, 4), (2, 4), (3, 5)}
+    with pytest.raises(ValueError, match="positional_with_sinks"):
+        build_conditions(["positional_allkeys"], table=_table_with(pos), shape=SHAPE)

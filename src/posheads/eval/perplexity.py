@@ -440,9 +440,10 @@ def _control_family(cond: Mapping[str, Any], control: str) -> str | None:
     operation (ablation mode, or dims side) on the control heads; ``None`` when ``cond`` is not a
     Positional-set condition."""
     name = str(cond["name"])
-    if cond.get("kind") == "heads" and cond.get("family", name).split(":")[0] == "positional":
+    base = str(cond.get("family", name)).split(":")[0]
+    if cond.get("kind") == "heads" and base in ("positional", "positional_allkeys"):
         mode = name.split(":", 1)[1] if ":" in name else None
-        return control + (f":{mode}" if mode else "")
+        return base.replace("positional", control, 1) + (f":{mode}" if mode else "")
     if cond.get("kind") == "dims" and cond.get("target", "positional") == "positional":
         return f"{name}[{control}]"
     return None
@@ -504,6 +505,8 @@ def perplexity_intervals(
                     contrasts[f"{c} - mean({ctrl})"] = {c: 1.0, **w}
                 for m in members:
                     contrasts[f"{c} - {m}"] = {c: 1.0, m: -1.0}
+        if "positional" in at and "positional_allkeys" in at:
+            contrasts["positional - positional_allkeys"] = {"positional": 1.0, "positional_allkeys": -1.0}
         for c in at:
             cond = described.get(c, {})
             if cond.get("kind") == "dims" and cond.get("side") == "high":

@@ -28,6 +28,12 @@ Conditions (``docs/definitions.md``, "Ablation operators"), named in configs as
                              every pair ``>= i_c`` / ``< i_c``
 ===========================  =========================================================================
 
+``positional_allkeys``, ``random_allkeys`` (``random_allkeys@<seed>``) and ``lowest_allkeys`` are the same
+three conditions for the Positional set identified over *every* key, attention sinks included (the table's
+``positional_with_sinks`` / ``rank_with_sinks`` columns, written when ``heads.analysis.sink_keys > 0``), so
+one sweep compares both sink variants on the same documents. Every control excludes the Positional Heads of
+*both* variants when the table has both.
+
 Every head condition can carry its ablation mode: ``positional:mean``, ``random:zero``, ``random@0:mean``
 (default ``sweep.ablation``), so zero and mean ablation are reported side by side in one sweep.
 
@@ -76,9 +82,16 @@ CONDITION_NAMES = (
     "heads",
     "dims_high",
     "dims_low",
+    "positional_allkeys",
+    "random_allkeys",
+    "lowest_allkeys",
 )
+#: Conditions on the Positional set identified over every key (sinks included).
+ALLKEYS = frozenset({"positional_allkeys", "random_allkeys", "lowest_allkeys"})
 #: Conditions that need the Positional-Head set (identification in this run or a previous run's table).
-NEEDS_POSITIONAL = frozenset({"positional", "random", "lowest", "lowest_global", "dims_high", "dims_low"})
+NEEDS_POSITIONAL = frozenset(
+    {"positional", "random", "lowest", "lowest_global", "dims_high", "dims_low"} | ALLKEYS
+)
 #: Head families a dimension condition can act on (``dims_high[<family>]``).
 DIMS_FAMILIES = ("positional", "random", "lowest")
 DIMS_PAIR_RULES = ("equal", "all")
@@ -237,6 +250,13 @@ def _head_row(raw: Mapping[str, Any]) -> dict[str, Any]:
         row["excess"] = number("excess")
     if raw.get("rank") not in (None, ""):
         row["rank"] = int(raw["rank"])
+    if raw.get("positional_with_sinks") not in (None, ""):
+        pws = raw["positional_with_sinks"]
+        row["positional_with_sinks"] = (
+            pws.strip().lower() in ("1", "true", "yes") if isinstance(pws, str) else bool(pws)
+        )
+    if raw.get("rank_with_sinks") not in (None, ""):
+        row["rank_with_sinks"] = int(raw["rank_with_sinks"])
     return row
 
 
@@ -263,9 +283,9 @@ def read_head_table(path: str | Path) -> list[dict[str, Any]]:
     return [_head_row(r) for r in rows]
 
 
-def positional_heads(table: Sequence[Mapping[str, Any]]) -> list[tuple[int, int]]:
-    """The heads marked ``positional`` in a head table, sorted."""
-    return sorted((int(r["layer"]), int(r["head"])) for r in table if r["positional"])
+def positional_heads(table: Sequence[Mapping[str, Any]], column: str = "positional") -> list[tuple[int, int]]:
+    """The heads marked in ``column`` (``positional``, or ``positional_with_sinks``) of a head table, sorted."""
+    return sorted((int(r["layer"]), int(r["head"])) for r in table if r.get(column))
 
 
 def _per_layer(heads: Sequence[tuple[int, int]]) -> dict[int, int]:
@@ -279,6 +299,7 @@ def _matched_draw(
     positional: Sequence[tuple[int, int]],
     shape: ModelShape,
     pick: Any,
+    exclude: Iterable[tuple[int, int]] = (),
 ) -> list[tuple[int, int]]:
     """Per-layer matched control heads that never include a Positional Head.
 
@@ -288,14 +309,14 @@ def _matched_draw(
     ``pick`` (``layer`` is the layer whose shortfall is filled). Raises ``ValueError`` when the model has
     too few non-positional heads."""
     need = _per_layer(positional)
-    excluded = set(positional)
+    excluded = set(positional) | set(exclude)
     free = {
         layer: [h for h in range(shape.num_heads) if (layer, h) not in excluded]
         for layer in range(shape.num_layers)
     }
-    if sum(len(v) for v in free.values()) < len(excluded):
+    if sum(len(v) for v in free.values()) < len(positional):
         raise ValueError(
-            f"a control matched to {len(excluded)} Positional Heads needs as many non-positional heads; "
+            f"a control matched to {len(positional)} Positional Heads needs as many non-positional heads; "
             f"the model has {sum(len(v) for v in free.values())}"
         )
     chosen: list[tuple[int, int]] = []
@@ -325,26 +346,32 @@ def _matched_draw(
 
 
 def random_matched_heads(
-    positional: Sequence[tuple[int, int]], shape: ModelShape, seed: int
+    positional: Sequence[tuple[int, int]],
+    shape: ModelShape,
+    seed: int,
+    exclude: Iterable[tuple[int, int]] = (),
 ) -> list[tuple[int, int]]:
     """Random control heads: in every layer, as many heads as the Positional set has there, drawn uniformly
     (seeded, independent of iteration order) among the layer's non-positional heads; a layer's shortfall
     (too few non-positional heads) is drawn from the nearest layers' remaining non-positional heads
-    (both layers at one distance pooled; the draw among them is seeded). Never returns a Positional Head."""
+    (both layers at one distance pooled; the draw among them is seeded). Never returns a Positional Head,
+    nor a head of ``exclude`` (e.g. the Positional Heads of the other sink variant)."""
 
     def pick(candidates: list[tuple[int, int]], k: int, layer: int) -> list[tuple[int, int]]:
         rng = random.Random(derive_seed("random-heads", seed, layer, len(candidates)))
         return rng.sample(candidates, k)
 
-    return _matched_draw(positional, shape, pick)
+    return _matched_draw(positional, shape, pick, exclude)
 
 
-def _rank_key(table: Sequence[Mapping[str, Any]]) -> dict[tuple[int, int], tuple[float, int, int]]:
-    """Sort key per head, lowest-ranked first: by the table's ``rank`` (descending) when every row has one,
-    else by ``score`` (ascending; missing scores last: never taken for lowest), ties by layer, head."""
-    if all("rank" in r for r in table):
+def _rank_key(
+    table: Sequence[Mapping[str, Any]], rank: str = "rank"
+) -> dict[tuple[int, int], tuple[float, int, int]]:
+    """Sort key per head, lowest-ranked first: by the table's ``rank`` column (descending) when every row has
+    one, else by ``score`` (ascending; missing scores last: never taken for lowest), ties by layer, head."""
+    if all(rank in r for r in table):
         return {
-            (int(r["layer"]), int(r["head"])): (-float(r["rank"]), int(r["layer"]), int(r["head"]))
+            (int(r["layer"]), int(r["head"])): (-float(r[rank]), int(r["layer"]), int(r["head"]))
             for r in table
         }
 
@@ -355,18 +382,22 @@ def _rank_key(table: Sequence[Mapping[str, Any]]) -> dict[tuple[int, int], tuple
 
 
 def lowest_matched_heads(
-    table: Sequence[Mapping[str, Any]], positional: Sequence[tuple[int, int]], shape: ModelShape
+    table: Sequence[Mapping[str, Any]],
+    positional: Sequence[tuple[int, int]],
+    shape: ModelShape,
+    exclude: Iterable[tuple[int, int]] = (),
+    rank: str = "rank",
 ) -> list[tuple[int, int]]:
     """Layer-matched lowest control: in every layer, the lowest-ranked non-positional heads, as many as the
     Positional set has there; shortfalls from the nearest layers (lowest-ranked first). Heads missing from
     the table rank above every listed one (never picked before them)."""
-    key = _rank_key(table)
+    key = _rank_key(table, rank)
     top = (float("inf"), 0, 0)
 
     def pick(candidates: list[tuple[int, int]], k: int, layer: int) -> list[tuple[int, int]]:
         return sorted(candidates, key=lambda h: key.get(h, top))[:k]
 
-    return _matched_draw(positional, shape, pick)
+    return _matched_draw(positional, shape, pick, exclude)
 
 
 def lowest_heads(
@@ -452,7 +483,7 @@ def parse_condition(entry: Any, option: str = "sweep.conditions") -> ConditionSp
         target = fam
     else:
         base, seed = split_seed(text)
-        if seed is not None and base != "random":
+        if seed is not None and base not in ("random", "random_allkeys"):
             raise ValueError(f"{option}: {entry!r}: only random takes a seed (random@<seed>)")
     if base not in CONDITION_NAMES:
         raise ValueError(f"{option}: unknown condition {entry!r}; known: {list(CONDITION_NAMES)}")
@@ -486,6 +517,16 @@ def build_conditions(
     pos = positional_heads(table) if table else []
     if needs and not pos:
         raise ValueError(f"sweep.conditions {needs}: the head table marks no head as positional")
+    has_all = bool(table) and all("positional_with_sinks" in r for r in table)  # type: ignore[union-attr]
+    pos_all = positional_heads(table, "positional_with_sinks") if table and has_all else []
+    wants_all = sorted({sp.entry for sp in specs if sp.base in ALLKEYS})
+    if wants_all and not pos_all:
+        raise ValueError(
+            f"sweep.conditions {wants_all} need the Positional set identified over every key (the table's "
+            "positional_with_sinks column, written when heads.analysis.sink_keys > 0)"
+        )
+    # every control avoids the Positional Heads of both sink variants when the table has both
+    avoid = set(pos) | set(pos_all)
     if any(sp.base in ("dims_high", "dims_low") for sp in specs) and i_c is None:
         raise ValueError("sweep.conditions with dims_high / dims_low need the critical pair i_c")
     cache: dict[Any, list[tuple[int, int]]] = {}
@@ -495,17 +536,27 @@ def build_conditions(
         if key not in cache:
             if fam == "positional":
                 cache[key] = list(pos)
+            elif fam == "positional_allkeys":
+                cache[key] = list(pos_all)
             elif fam == "random":
                 assert seed is not None
-                cache[key] = random_matched_heads(pos, shape, seed)
+                cache[key] = random_matched_heads(pos, shape, seed, exclude=avoid)
+            elif fam == "random_allkeys":
+                assert seed is not None
+                cache[key] = random_matched_heads(pos_all, shape, seed, exclude=avoid)
             elif fam == "lowest":
                 assert table is not None
-                cache[key] = lowest_matched_heads(table, pos, shape)
+                cache[key] = lowest_matched_heads(table, pos, shape, exclude=avoid)
+            elif fam == "lowest_allkeys":
+                assert table is not None
+                cache[key] = lowest_matched_heads(
+                    table, pos_all, shape, exclude=avoid, rank="rank_with_sinks"
+                )
             elif fam == "lowest_global":
                 assert table is not None
-                cache[key] = lowest_heads(table, len(pos), exclude=pos)
-            if fam != "positional" and set(cache[key]) & set(pos):
-                raise AssertionError(f"control {fam} shares heads {sorted(set(cache[key]) & set(pos))}")
+                cache[key] = lowest_heads(table, len(pos), exclude=avoid)
+            if not fam.startswith("positional") and set(cache[key]) & avoid:
+                raise AssertionError(f"control {fam} shares heads {sorted(set(cache[key]) & avoid)}")
         return cache[key]
 
     def seeds_of(sp: ConditionSpec) -> list[int]:
@@ -521,19 +572,19 @@ def build_conditions(
         suffix = "" if sp.mode is None else f":{sp.mode}"
         if sp.base == "none":
             out.append(NONE)
-        elif sp.base in ("positional", "lowest", "lowest_global"):
+        elif sp.base in ("positional", "lowest", "lowest_global", "positional_allkeys", "lowest_allkeys"):
             heads = family_heads(sp.base)
             out.append(
                 Condition(sp.base + suffix, "heads", tuple(heads), family=sp.base + suffix, ablation=mode)
             )
-        elif sp.base == "random":
+        elif sp.base in ("random", "random_allkeys"):
             for seed in seeds_of(sp):
                 out.append(
                     Condition(
-                        f"random@{seed}{suffix}",
+                        f"{sp.base}@{seed}{suffix}",
                         "heads",
-                        tuple(family_heads("random", seed)),
-                        family="random" + suffix,
+                        tuple(family_heads(sp.base, seed)),
+                        family=sp.base + suffix,
                         seed=seed,
                         ablation=mode,
                     )
