@@ -521,7 +521,7 @@ def stdlib_smol(smol_tok, tmp_path_factory):
 
 @pytest.mark.slow
 def test_stdlib_corpus_with_smollm2_matches_design(stdlib_smol, smol_tok):
-    """DESIGN.md §3: 168 top-level modules, ~1.2 M tokens, 48 files >= 8k tokens, 20 >= 16k (CPython 3.11)."""
+    """The stdlib corpus: 168 top-level modules, ~1.2 M tokens, 48 files >= 8k tokens, 20 >= 16k (CPython 3.11)."""
     stats = corpus_stats(stdlib_smol, thresholds=(8192, 16384))
     assert 150 <= stats["n_documents"] <= 200
     assert 1_000_000 <= stats["n_tokens"] <= 1_500_000

@@ -1,5 +1,5 @@
-"""Extrapolation-efficiency summary of one run (DESIGN.md section 2, "Extension of HDA" / "Extrapolation
-efficiency"; the claim of Hong et al., arXiv 2410.08703, that runs which extend the high-dimensional attention
+"""Extrapolation-efficiency summary of one run (docs/definitions.md, "HDA extension, area" / "efficiency";
+the claim of Hong et al., arXiv 2410.08703, that runs which extend the high-dimensional attention
 allocation further extrapolate better).
 
 Pure functions over the evaluated steps of a run: the Spearman correlation between the Positional Heads' HDA

@@ -1,4 +1,4 @@
-"""Corpora, tokenising and packing (DESIGN.md §3): documents for training and long-input evaluation."""
+"""Corpora, tokenising and packing (docs/definitions.md): documents for training and long-input evaluation."""
 
 from posheads.data.corpus import (
     CORPUS_KINDS,

@@ -4,7 +4,7 @@ A *document* is one named piece of text (one source file, one help topic, one li
 row of a dataset). Every source yields its documents in a deterministic order, so that tokenising,
 splitting and packing are reproducible run to run.
 
-Sources (DESIGN.md §3):
+Sources:
 
 * :class:`StdlibCorpus` -- the CPython standard library's own source (``sysconfig.get_paths()["stdlib"]``),
   one document per ``.py`` file. It exists on every Python installation, which makes it the embedded

@@ -4,7 +4,7 @@ Two ways to turn tokenised documents into model inputs:
 
 * **Packing** (training): :func:`pack_sequences` concatenates documents, an EOS token between them, and
   cuts the stream into rows of ``seq_len`` tokens.
-* **Windowing** (long-input evaluation, DESIGN.md §2 "Evaluation protocols"): :func:`window_document`
+* **Windowing** (long-input evaluation, docs/definitions.md "perplexity protocol"): :func:`window_document`
   cuts *one* document into windows of exactly ``length`` tokens, either disjoint or sliding with a stride.
   The sliding protocol is the one of the YaRN evaluation (Peng et al. 2023, "YaRN: Efficient Context Window
   Extension of Large Language Models", arXiv 2309.00071) and the Hugging Face perplexity guide

@@ -1,5 +1,5 @@
 """Evaluation: long-input perplexity, passkey and needle retrieval, Positional-Head ablation sweeps, one
-results format (DESIGN.md §2 "Ablation operators" and "Evaluation protocols").
+results format (docs/definitions.md: head and dimension ablation, perplexity protocol, passkey / needle).
 
 ``python evaluate.py --config configs/eval/<file>.yaml`` runs :func:`posheads.eval.cli.main`. The pieces:
 

@@ -1,4 +1,4 @@
-"""Long-input perplexity by length (DESIGN.md §2, "Evaluation protocols").
+"""Long-input perplexity by length (docs/definitions.md, "perplexity protocol").
 
 For a length ``L``: the documents with at least ``L`` tokens are cut into windows of ``L`` tokens
 (:func:`posheads.data.window_document`) -- disjoint, or sliding with a stride as in the YaRN evaluation

@@ -1,4 +1,4 @@
-"""Passkey retrieval and needle-in-a-haystack accuracy (DESIGN.md §2, "Evaluation protocols").
+"""Passkey retrieval and needle-in-a-haystack accuracy (docs/definitions.md, "passkey / needle").
 
 Prompts come from :mod:`posheads.data.retrieval` (seeded, exact lengths). Each prompt is answered by greedy
 decoding -- one prefill forward, then one token at a time with the KV cache -- in a batch whose rows are

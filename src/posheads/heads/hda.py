@@ -1,8 +1,8 @@
 """High-dimensional attention allocation (HDA) per head and distance bin.
 
 Hong et al. (arXiv 2410.08703) report that Positional Heads allocate attention to the *higher* (low-frequency)
-RoPE dimensions, and that extrapolation training extends this allocation to longer distances. DESIGN.md
-section 2 makes it precise: for a head and a log2 distance bin ``b``,
+RoPE dimensions, and that extrapolation training extends this allocation to longer distances. docs/definitions.md
+(HDA) makes it precise: for a head and a log2 distance bin ``b``,
 
 * hard: ``HDA_h(b) = sum a(m,n) [D(m,n) >= i_c] / sum a(m,n)`` over the pairs with ``delta`` in ``b``;
 * soft: the attention-weighted mean of ``sum_{i >= i_c} p_i``.

@@ -1,8 +1,8 @@
 """Positional scores of attention heads, their permuted-position null, z-scores and Positional-Head selection.
 
 Hong et al. (arXiv 2410.08703) call *Positional Heads* the heads whose allocation of attention across RoPE
-frequency pairs tracks token distance. The paper's exact formula is not available to us; DESIGN.md section 2
-defines the score as a correlation between distance and the dominant pair ``D = argmax_i g_i`` over causal
+frequency pairs tracks token distance. The paper's exact formula is not available to us; docs/definitions.md
+(positional score) defines the score as a correlation between distance and the dominant pair ``D = argmax_i g_i`` over causal
 (query, key) pairs. All variants below are computed from the sums of :class:`~posheads.heads.stats.PairStats`.
 
 Variants (``SCORE_VARIANTS``):
@@ -190,7 +190,7 @@ def positional_scores(
         variant: one of :data:`SCORE_VARIANTS` (see the module docstring; default ``pearson_weighted``).
         null: compute the permuted-position null instead.
         i_c: critical pair, required by the ``per_pair`` variants.
-        per_pair_distance: ``"linear"`` (``delta``, as in DESIGN.md) or ``"log"`` for the per-pair variants.
+        per_pair_distance: ``"linear"`` (``delta``, as in docs/definitions.md) or ``"log"`` for the per-pair variants.
         bins: restrict to a slice of distance bins.
     """
     if variant not in SCORE_VARIANTS:

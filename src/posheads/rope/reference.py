@@ -4,7 +4,7 @@ These functions never touch a Transformers config or model: they are the indepen
 frequencies a model actually computes (through ``config.rope_parameters`` and Transformers'
 ``ROPE_INIT_FUNCTIONS``) are tested against. Everything is computed in float64.
 
-Notation (shared with ``docs``/DESIGN.md): ``dim`` is the rotary dimension of one head (``head_dim`` for
+Notation (shared with docs/definitions.md): ``dim`` is the rotary dimension of one head (``head_dim`` for
 full-rotary models), pair ``i = 0 .. dim/2 - 1`` has inverse frequency ``theta_i = b^(-2i/dim)`` with base
 ``b = rope_theta`` and wavelength ``lambda_i = 2*pi / theta_i``; ``s`` is the scaling factor; ``L0`` the
 original (pre-training) context length.
