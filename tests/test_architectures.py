@@ -444,3 +444,12 @@ def test_critical_pair_uses_the_rotary_width_and_the_pretrained_theta(name):
     apply_rope_scaling_to_model(model, RopeScaling(method="ntk", factor=4.0))
     assert model.config.rope_parameters["rope_theta"] > rope[0].rope_theta  # the base really changed
     assert critical_pair_for(model, "critical", original_context=64) == expect
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "glm4v"])
+def test_multimodal_rope_is_refused_from_the_config(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = CONFIG_MAPPING[name]()
+    with pytest.raises(ValueError, match=r"model_type='.*' is not supported: multimodal RoPE"):
+        describe_rope(config)

@@ -34,6 +34,7 @@ sinks (``s_aux``), attention that does not go through Transformers' attention in
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -272,6 +273,11 @@ def describe_rope(model_or_config: Any) -> ModelRope:
     mt = _model_type(cfg)
     if mt in REFUSED_MODEL_TYPES:
         raise ValueError(f"model_type={mt!r} is not supported: {REFUSED_MODEL_TYPES[mt]}")
+    if re.search(r"(_vl|4v|omni)(_moe)?(_text)?$", mt):
+        raise ValueError(
+            f"model_type={mt!r} is not supported: multimodal RoPE (mrope_section) rotates by 3-D (time, height, "
+            "width) positions"
+        )
     rp = getattr(cfg, "rope_parameters", None) or {}
     gptj_style = not rp and getattr(cfg, "rotary_dim", "missing") != "missing"
     if not rp and not gptj_style:
