@@ -260,8 +260,19 @@ def test_ci_config_end_to_end(tmp_path):
                 tuple(h) for h in next(x for x in on_disk["conditions"] if x["name"] == "positional")["heads"]
             }
             assert not {tuple(h) for h in c["heads"]} & pos
-    trials = (run / "trials.jsonl").read_text().splitlines()
-    assert len(trials) == len(names) * (4 + 2)
+    trials = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
+    greedy_trials = [t for t in trials if t.get("section") != "retrieval"]
+    assert len(greedy_trials) == len(names) * (4 + 2)
+    # the suite: 6 depth tasks x 1 depth + cwe x 1 difficulty, 1 trial each, every condition
+    suite = on_disk["retrieval"]
+    assert len(suite) == len(names) * 7
+    assert len(trials) - len(greedy_trials) == len(names) * 7
+    assert all(r["trials"] == 1 and r["greedy_agrees"] == 1 for r in suite)  # scoring: both
+    assert {r["task"] for r in suite} == {
+        "passkey", "needle", "multikey", "multivalue", "multiquery", "vartrack", "cwe"
+    }  # fmt: skip
+    assert proto["retrieval_templates"]["multikey"]["question"].startswith("What is the special magic")
+    assert (run / "retrieval_vartrack.png").read_bytes()[:4] == b"\x89PNG"
     for png in ("perplexity.png", "passkey.png", "needle.png", "scores_heatmap.png", "hda_curves.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG", png
     assert (run / "heads.csv").is_file()

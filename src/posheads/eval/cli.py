@@ -213,7 +213,7 @@ def _task_lengths(cfg: EvalConfig) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     if "heads" in cfg.tasks:
         out["heads.length"] = [cfg.heads.length]
-    for task in ("perplexity", "passkey", "needle"):
+    for task in ("perplexity", "passkey", "needle", "retrieval"):
         if task in cfg.tasks:
             out[f"{task}.lengths"] = list(getattr(cfg, task).lengths)
     return out
@@ -235,6 +235,7 @@ class Prepared:
     identity: dict[str, Any] = field(default_factory=dict)
     resume_changes: dict[str, Any] = field(default_factory=dict)
     table_differs: list[str] = field(default_factory=list)
+    suite: list[Any] = field(default_factory=list)
 
 
 def recorded_probes(path: str | os.PathLike) -> list[str] | None:
@@ -265,7 +266,11 @@ def split_documents(
     names = cfg.heads.probe_documents
     if names is None and cfg.heads.from_results and "heads" not in cfg.tasks:
         names = recorded_probes(cfg.heads.from_results)
-        reads_corpus = "perplexity" in cfg.tasks or ("needle" in cfg.tasks and cfg.needle.haystack is None)
+        reads_corpus = (
+            "perplexity" in cfg.tasks
+            or ("needle" in cfg.tasks and cfg.needle.haystack is None)
+            or ("retrieval" in cfg.tasks and cfg.retrieval.needs_haystack and cfg.retrieval.haystack is None)
+        )
         if names is None and cfg.sweep.needs_positional and reads_corpus:
             raise ValueError(
                 f"heads.from_results={cfg.heads.from_results!r} does not record the documents its heads were "
@@ -479,8 +484,10 @@ def _prepare(cfg: EvalConfig) -> Prepared:
     tokenizer = load_tokenizer(cfg.model)
     docs: list[TokenizedDocument] = []
     probe_docs: list[TokenizedDocument] = []
-    if {"heads", "perplexity"}.intersection(cfg.tasks) or (
-        "needle" in cfg.tasks and cfg.needle.haystack is None
+    if (
+        {"heads", "perplexity"}.intersection(cfg.tasks)
+        or ("needle" in cfg.tasks and cfg.needle.haystack is None)
+        or ("retrieval" in cfg.tasks and cfg.retrieval.needs_haystack and cfg.retrieval.haystack is None)
     ):
         docs = load_token_documents(cfg.corpus, tokenizer, cache_dir=cfg.token_cache, progress=cfg.progress)
         probe_docs, docs = split_documents(cfg, docs)
@@ -502,9 +509,50 @@ def _prepare(cfg: EvalConfig) -> Prepared:
             source = source[: cfg.needle.haystack_documents]
         haystack = haystack_pool(source, tokenizer)
     _check_retrieval(cfg, tokenizer, haystack)
+    suite = _suite_prompts(cfg, tokenizer, docs) if "retrieval" in cfg.tasks else []
     return Prepared(
-        cfg, config, shape, tokenizer, docs, haystack, table, notes, probe_docs, identity, changes, differs
+        cfg,
+        config,
+        shape,
+        tokenizer,
+        docs,
+        haystack,
+        table,
+        notes,
+        probe_docs,
+        identity,
+        changes,
+        differs,
+        suite,
     )
+
+
+def _suite_prompts(cfg: EvalConfig, tokenizer: Any, docs: Sequence[TokenizedDocument]) -> list[Any]:
+    """Every prompt of the retrieval suite (built before the weights load: a too-short length or a too-small
+    haystack fails here, naming the task and length)."""
+    from posheads.data.retrieval import haystack_pool
+    from posheads.data.tasks import suite_prompts
+
+    r = cfg.retrieval
+    pool = None
+    if r.needs_haystack:
+        source: Sequence[TokenizedDocument] = docs
+        if r.haystack is not None:
+            source = load_token_documents(
+                r.haystack, tokenizer, cache_dir=cfg.token_cache, progress=cfg.progress
+            )
+        if r.haystack_documents is not None:
+            source = source[: r.haystack_documents]
+        pool = haystack_pool(source, tokenizer)
+    prompts: list[Any] = []
+    for task in r.tasks:
+        try:
+            prompts += suite_prompts(
+                tokenizer, pool, task, r.lengths, r.levels(task), r.trials, r.seed, r.spec()
+            )
+        except ValueError as err:
+            raise ValueError(f"retrieval.tasks {task!r}: {err}") from None
+    return prompts
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -543,13 +591,17 @@ def _protocol(
         "corpus": corpus,
         "tasks": cfg.tasks,
         "lengths": {
-            t: getattr(cfg, t).lengths for t in ("perplexity", "passkey", "needle") if t in cfg.tasks
+            t: getattr(cfg, t).lengths
+            for t in ("perplexity", "passkey", "needle", "retrieval")
+            if t in cfg.tasks
         },
         "stride": cfg.perplexity.stride,
         "score_last": cfg.perplexity.score_last,
         "perplexity": dataclasses.asdict(cfg.perplexity),
         "passkey": dataclasses.asdict(cfg.passkey) if "passkey" in cfg.tasks else None,
         "needle": dataclasses.asdict(cfg.needle) if "needle" in cfg.tasks else None,
+        "retrieval": dataclasses.asdict(cfg.retrieval) if "retrieval" in cfg.tasks else None,
+        "retrieval_templates": _templates() if "retrieval" in cfg.tasks else None,
         "identification": dataclasses.asdict(cfg.heads),
         "probes": [
             {"document": d.name, "start": 0, "end": min(d.n_tokens, cfg.heads.length)}
@@ -729,7 +781,17 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
         apply = (
             ident.ablation_apply(cfg.sweep.ablation, i_c, means, layout) if needs_ablation else no_ablation
         )
-        runner = ConditionRunner(model, conditions, apply, cfg.sweep.max_rows, cfg.sweep.max_batch_tokens)
+        from posheads.heads.ablation import shared_prefix
+
+        runner = ConditionRunner(
+            model,
+            conditions,
+            apply,
+            cfg.sweep.max_rows,
+            cfg.sweep.max_batch_tokens,
+            prefix=shared_prefix if cfg.sweep.share_prefix else None,
+            num_layers=prep.shape.num_layers,
+        )
 
         if "perplexity" in cfg.tasks:
             t_task = time.time()
@@ -774,6 +836,10 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                 t_task = time.time()
                 _run_retrieval(cfg, task, model, prep, runner, conditions, results, ranks)
                 timings[task] = round(time.time() - t_task, 1)
+        if "retrieval" in cfg.tasks:
+            t_task = time.time()
+            _run_suite(cfg, model, prep, runner, conditions, results)
+            timings["retrieval"] = round(time.time() - t_task, 1)
         results.set("status", "complete")
     except BaseException as err:
         results.data["status"] = "failed"
@@ -835,6 +901,53 @@ def _run_retrieval(
                 progress=progress,
                 ranks=ranks,
             )
+
+
+def _templates() -> dict[str, Any]:
+    from posheads.data.tasks import TEMPLATES
+
+    return TEMPLATES
+
+
+def _run_suite(
+    cfg: EvalConfig,
+    model: Any,
+    prep: Prepared,
+    runner: ConditionRunner,
+    conditions: Sequence[Condition],
+    results: ResultsFile,
+) -> None:
+    """The retrieval suite, cell by cell (task, length, depth / difficulty); finished rows are skipped on resume."""
+    from posheads.eval.retrieval import evaluate_suite
+
+    cells: dict[tuple[Any, ...], list[Any]] = {}
+    for p in prep.suite:
+        cells.setdefault((p.task, p.length, p.depth, p.difficulty), []).append(p)
+    # shortest length first (every task at the first length before any at the next), then task, then level
+    order = {t: i for i, t in enumerate(cfg.retrieval.tasks)}
+    ordered = sorted(cells.items(), key=lambda kv: (kv[0][1], order[kv[0][0]]))
+    for (task, length, depth, difficulty), cell in tqdm(
+        ordered, desc="retrieval cells", disable=not cfg.progress
+    ):
+        todo = [
+            c
+            for c in conditions
+            if not results.has(
+                "retrieval", task=task, condition=c.name, length=length, depth=depth, difficulty=difficulty
+            )
+        ]
+        if not todo:
+            continue
+        evaluate_suite(
+            model,
+            cell,
+            runner=runner,
+            conditions=todo,
+            scoring=cfg.retrieval.scoring,
+            on_row=lambda row: results.append("retrieval", row),
+            on_trial=results.trial,
+            progress=cfg.progress,
+        )
 
 
 def _config_dict(cfg: EvalConfig) -> dict[str, Any]:

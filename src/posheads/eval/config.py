@@ -31,11 +31,12 @@ __all__ = [
     "OutputSettings",
     "PasskeySettings",
     "PerplexitySettings",
+    "RetrievalSettings",
     "SweepSettings",
     "WandbSettings",
 ]
 
-TASKS = ("heads", "perplexity", "passkey", "needle")
+TASKS = ("heads", "perplexity", "passkey", "needle", "retrieval")
 LENGTH_POLICIES = ("warn", "error", "allow")
 ABLATIONS = ("zero", "mean")
 
@@ -267,6 +268,108 @@ class NeedleSettings:
 
 
 @dataclass
+class RetrievalSettings:
+    """The retrieval suite (task ``retrieval``), scored by teacher forcing: see :mod:`posheads.data.tasks` for
+    the tasks and their pinned templates, :func:`posheads.eval.retrieval.evaluate_suite` for the scores.
+
+    Attributes:
+        tasks: any of ``passkey``, ``needle``, ``multikey``, ``multivalue``, ``multiquery``, ``vartrack``,
+            ``cwe``.
+        lengths: prompt lengths in tokens (exact; the answer is scored after them).
+        depths: depths of the (first / target) insert, for every task but ``cwe``.
+        difficulties: ``cwe``: the number ``k`` of common words asked (1..5).
+        trials: prompts per (task, length, depth or difficulty) cell; the depths of a trial share its haystack.
+        seed: the base seed of the prompts.
+        scoring: ``teacher_forced`` (one forward per prompt and group of conditions), ``greedy`` (exact match
+            from greedy decoding; log-probabilities still teacher forced) or ``both`` (teacher-forced accuracy,
+            greedy decoded as a check: ``greedy_agrees`` per row).
+        num_digits: digits of every number (passkey, magic numbers, variable values).
+        distractors: multikey: needles with other keys.
+        values: multivalue: values of the one key.
+        queries: multiquery: keys asked at once.
+        hops: vartrack: assignments after the first.
+        common_share: cwe: share of the list taken by the common words.
+        haystack: the corpus of the haystacks (``null`` = the evaluation corpus).
+        haystack_documents: build the haystack pool from at most this many documents (``null`` = all).
+    """
+
+    tasks: list[str] = field(
+        default_factory=lambda: [
+            "passkey",
+            "needle",
+            "multikey",
+            "multivalue",
+            "multiquery",
+            "vartrack",
+            "cwe",
+        ]
+    )
+    lengths: list[int] = field(default_factory=lambda: [1024, 2048])
+    depths: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    difficulties: list[int] = field(default_factory=lambda: [1, 3])
+    trials: int = 10
+    seed: int = 0
+    scoring: str = "teacher_forced"
+    num_digits: int = 5
+    distractors: int = 3
+    values: int = 3
+    queries: int = 3
+    hops: int = 3
+    common_share: float = 0.3
+    haystack: CorpusConfig | None = None
+    haystack_documents: int | None = None
+
+    def __post_init__(self) -> None:
+        from posheads.data.tasks import SUITE_TASKS
+        from posheads.eval.retrieval import SCORINGS
+
+        if not isinstance(self.tasks, (list, tuple)) or not self.tasks:
+            raise ValueError(
+                f"retrieval.tasks={self.tasks!r} must be a non-empty list of {list(SUITE_TASKS)}"
+            )
+        for t in self.tasks:
+            if t not in SUITE_TASKS:
+                raise ValueError(f"retrieval.tasks: unknown task {t!r}; known: {list(SUITE_TASKS)}")
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"retrieval.tasks={self.tasks!r} has duplicates")
+        self.lengths = _positive_ints("retrieval.lengths", self.lengths)
+        self.depths = _depths("retrieval.depths", self.depths)
+        self.difficulties = _positive_ints("retrieval.difficulties", self.difficulties)
+        bad = [k for k in self.difficulties if k > 5]
+        if bad:
+            raise ValueError(f"retrieval.difficulties {bad}: cwe asks at most 5 common words")
+        for opt in ("trials", "num_digits", "values", "queries", "hops"):
+            _optional_positive(f"retrieval.{opt}", getattr(self, opt))
+            if getattr(self, opt) is None:
+                raise ValueError(f"retrieval.{opt} must be set")
+        if not isinstance(self.distractors, int) or self.distractors < 0:
+            raise ValueError(f"retrieval.distractors={self.distractors!r} must be an integer >= 0")
+        if not 0.0 < float(self.common_share) < 1.0:
+            raise ValueError(f"retrieval.common_share={self.common_share!r} must be in (0, 1)")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"retrieval.scoring={self.scoring!r} is not one of {list(SCORINGS)}")
+        _optional_positive("retrieval.haystack_documents", self.haystack_documents)
+        if isinstance(self.haystack, dict):
+            self.haystack = CorpusConfig(**self.haystack)
+
+    def spec(self) -> Any:
+        from posheads.data.tasks import TaskSpec
+
+        return TaskSpec(
+            self.num_digits, self.distractors, self.values, self.queries, self.hops, float(self.common_share)
+        )
+
+    def levels(self, task: str) -> list[Any]:
+        from posheads.data.tasks import DIFFICULTY_TASKS
+
+        return list(self.difficulties) if task in DIFFICULTY_TASKS else list(self.depths)
+
+    @property
+    def needs_haystack(self) -> bool:
+        return bool(set(self.tasks) - {"passkey", "cwe"})
+
+
+@dataclass
 class IdentifySettings:
     """Positional-Head identification (task ``heads``) or where to read a previous table from.
 
@@ -336,6 +439,9 @@ class SweepSettings:
         max_rows: conditions evaluated together in one batched forward (each row its own ablation mask);
             1 = sequential. Halved automatically on out-of-memory.
         max_batch_tokens: cap on ``rows x length`` per forward (``null`` = no cap).
+        share_prefix: in single-forward scoring (perplexity, the retrieval suite) the layers before the first
+            layer a group of conditions ablates run once and are broadcast to the group's rows; groups are
+            formed after sorting the conditions by that layer (:func:`posheads.heads.ablation.shared_prefix`).
     """
 
     conditions: list[str] = field(default_factory=lambda: ["none"])
@@ -346,6 +452,7 @@ class SweepSettings:
     dims_pairs: str = "equal"
     max_rows: int = 4
     max_batch_tokens: int | None = 16384
+    share_prefix: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.conditions, (list, tuple)) or not self.conditions:
@@ -466,10 +573,11 @@ class EvalConfig:
         model: the model or checkpoint to evaluate.
         rope: a RoPE scaling applied to the loaded model (``null`` = as the checkpoint says).
         corpus: documents for perplexity, identification probes and (by default) needle haystacks.
-        tasks: any of ``heads``, ``perplexity``, ``passkey``, ``needle``, run in that order.
+        tasks: any of ``heads``, ``perplexity``, ``passkey``, ``needle``, ``retrieval``, run in that order.
         perplexity: perplexity settings.
-        passkey: passkey settings.
-        needle: needle-in-a-haystack settings.
+        passkey: passkey settings (greedy decoding).
+        needle: needle-in-a-haystack settings (greedy decoding).
+        retrieval: the retrieval suite (teacher-forced scoring).
         heads: Positional-Head identification settings.
         sweep: ablation conditions.
         output: output directory, resume, plots, W&B.
@@ -487,6 +595,7 @@ class EvalConfig:
     perplexity: PerplexitySettings = field(default_factory=PerplexitySettings)
     passkey: PasskeySettings = field(default_factory=PasskeySettings)
     needle: NeedleSettings = field(default_factory=NeedleSettings)
+    retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
     heads: IdentifySettings = field(default_factory=IdentifySettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
@@ -503,6 +612,7 @@ class EvalConfig:
             ("perplexity", PerplexitySettings),
             ("passkey", PasskeySettings),
             ("needle", NeedleSettings),
+            ("retrieval", RetrievalSettings),
             ("heads", IdentifySettings),
             ("sweep", SweepSettings),
             ("output", OutputSettings),
@@ -558,14 +668,14 @@ class EvalConfig:
     @property
     def evaluates(self) -> bool:
         """Whether any evaluation task (not only identification) runs."""
-        return any(t in self.tasks for t in ("perplexity", "passkey", "needle"))
+        return any(t in self.tasks for t in ("perplexity", "passkey", "needle", "retrieval"))
 
     def max_length(self) -> int:
         """The longest input any selected task feeds the model."""
         lengths = [0]
         if "heads" in self.tasks:
             lengths.append(self.heads.length)
-        for task in ("perplexity", "passkey", "needle"):
+        for task in ("perplexity", "passkey", "needle", "retrieval"):
             if task in self.tasks:
                 lengths.extend(getattr(self, task).lengths)
         return max(lengths)
@@ -584,4 +694,8 @@ class EvalConfig:
             if task in self.tasks:
                 s = getattr(self, task)
                 out[task] = sum(s.lengths) * len(s.depths) * s.trials * num_conditions
+        if "retrieval" in self.tasks:
+            r = self.retrieval
+            cells = sum(len(r.levels(t)) for t in r.tasks)
+            out["retrieval"] = sum(r.lengths) * cells * r.trials * num_conditions
         return out

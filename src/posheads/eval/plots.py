@@ -147,12 +147,81 @@ def plot_retrieval(results: Mapping[str, Any], task: str, path: str | os.PathLik
     return Path(path)
 
 
+def _axis(rows: Sequence[Mapping[str, Any]]) -> str:
+    return "difficulty" if any(r.get("depth") is None for r in rows) else "depth"
+
+
+def plot_suite(results: Mapping[str, Any], task: str, path: str | os.PathLike) -> Path | None:
+    """Length x depth (or x difficulty) heat-maps of one suite task's teacher-forced accuracy, one panel per
+    condition (families with several members pooled: correct and trials summed); each cell shows the accuracy,
+    its Wilson interval and ``n``."""
+    from posheads.eval.intervals import wilson_interval
+
+    rows = [r for r in results.get("retrieval", []) if r["task"] == task]
+    if not rows:
+        return None
+    plt = pyplot()
+    axis = _axis(rows)
+    present = {r["condition"] for r in rows}
+    panels: list[tuple[str, list[str]]] = []
+    for family, members in condition_families(results).items():
+        members = [m for m in members if m in present]
+        if len(members) > 1:
+            panels.append((f"{family} (pooled {len(members)})", members))
+        elif members:
+            panels.append((members[0], members))
+    n = len(panels)
+    cols = min(4, n)
+    nrows = math.ceil(n / cols)
+    fig, axes = plt.subplots(
+        nrows, cols, figsize=(3.4 * cols + 1.0, 2.8 * nrows + 0.6), squeeze=False, layout="constrained"
+    )
+    image = None
+    for ax, (title, members) in zip(axes.flat, panels):
+        cells: dict[tuple[Any, int], list[int]] = defaultdict(lambda: [0, 0])
+        for r in rows:
+            if r["condition"] in members:
+                c = cells[(r[axis], int(r["length"]))]
+                c[0] += int(r["correct"])
+                c[1] += int(r["trials"])
+        lengths = sorted({k[1] for k in cells})
+        levels = sorted({k[0] for k in cells})
+        grid = [
+            [cells[(v, L)][0] / cells[(v, L)][1] if (v, L) in cells else math.nan for L in lengths]
+            for v in levels
+        ]
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", origin="lower")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
+        ax.set_yticks(range(len(levels)), [f"{v:g}" for v in levels], fontsize=7)
+        for i, v in enumerate(levels):
+            for j, L in enumerate(lengths):
+                if (v, L) in cells:
+                    k, t = cells[(v, L)]
+                    lo, hi = wilson_interval(k, t)
+                    ax.text(
+                        j, i, f"{k / t:.2f}\n[{lo:.2f},{hi:.2f}]\nn={t}", ha="center", va="center", fontsize=6
+                    )
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("length", fontsize=7)
+        ax.set_ylabel(axis, fontsize=7)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="exact match (teacher forced)")
+    fig.suptitle(f"{task}: accuracy (length x {axis}), 95% Wilson intervals", fontsize=9)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_results(results: Mapping[str, Any], output_dir: str | os.PathLike) -> list[Path]:
     """Every plot that the results support, written into ``output_dir``; returns the paths written."""
     out = Path(output_dir)
     written = [plot_perplexity(results, out / "perplexity.png")]
     for task in ("passkey", "needle"):
         written.append(plot_retrieval(results, task, out / f"{task}.png"))
+    for task in sorted({r["task"] for r in results.get("retrieval", [])}):
+        written.append(plot_suite(results, task, out / f"retrieval_{task}.png"))
     return [p for p in written if p is not None]
 
 
@@ -224,4 +293,39 @@ def summary_tables(results: Mapping[str, Any]) -> str:
             f"{task} accuracy (mean over depths; trials)\n"
             + _table(["condition"] + [str(L) for L in lengths], body)
         )
+    suite = results.get("retrieval", [])
+    if suite:
+        parts.append(suite_table(suite, order))
     return "\n\n".join(parts)
+
+
+def suite_table(rows: Sequence[Mapping[str, Any]], order: Sequence[str] = ()) -> str:
+    """Retrieval suite per task x condition x length, pooled over depths / difficulties: accuracy with its
+    Wilson interval and n, item accuracy, mean answer log-probability per token."""
+    from posheads.eval.intervals import wilson_interval
+
+    agg: dict[tuple[str, str, int], list[float]] = defaultdict(lambda: [0, 0, 0, 0, 0.0, 0])
+    for r in rows:
+        a = agg[(r["task"], r["condition"], int(r["length"]))]
+        a[0] += int(r["correct"])
+        a[1] += int(r["trials"])
+        a[2] += int(r.get("items_correct", 0))
+        a[3] += int(r.get("items", 0))
+        a[4] += float(r["token_logprob"]) * int(r["trials"])
+        a[5] += int(r["trials"])
+    names = list(order) + sorted({r["condition"] for r in rows} - set(order))
+    body = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for name in names:
+            for L in sorted({int(r["length"]) for r in rows}):
+                if (task, name, L) not in agg:
+                    continue
+                k, n, ik, iN, lp, m = agg[(task, name, L)]
+                lo, hi = wilson_interval(int(k), int(n))
+                body.append(
+                    [task, name, str(L), f"{k / n:.3f} [{lo:.3f}, {hi:.3f}]", str(int(n)),
+                     f"{ik / iN:.3f}" if iN else "-", f"{lp / m:.3f}"]
+                )  # fmt: skip
+    return "Retrieval suite (teacher forced; pooled over depths / difficulties; 95% Wilson)\n" + _table(
+        ["task", "condition", "length", "accuracy [95% CI]", "n", "item acc", "logp/token"], body
+    )

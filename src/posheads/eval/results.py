@@ -11,6 +11,9 @@ Keys (all always present):
 * ``conditions`` -- what each ablation condition ablates (``[{name, kind, family, seed, side, n_heads, heads}]``).
 * ``perplexity`` -- ``[{condition, length, nll, ppl, tokens, documents, windows}]``.
 * ``passkey`` / ``needle`` -- ``[{condition, length, depth, accuracy, trials, correct}]``.
+* ``retrieval`` -- the teacher-forced suite: ``[{task, condition, length, depth, difficulty, trials, correct,
+  accuracy, accuracy_ci, logprob, logprob_ci, token_logprob, mean_rank, items, items_correct, item_accuracy,
+  item_accuracy_ci, scoring}]`` (:func:`posheads.eval.retrieval.suite_row`).
 * ``status`` -- ``"running"`` until the run ends, then ``"complete"`` or ``"failed"`` (with ``failure``: the
   error's type and message).
 
@@ -40,12 +43,13 @@ log = logging.getLogger("posheads.eval")
 
 __all__ = ["ROW_KEYS", "SECTIONS", "ResultsFile", "load_results", "package_versions"]
 
-SECTIONS = ("perplexity", "passkey", "needle")
+SECTIONS = ("perplexity", "passkey", "needle", "retrieval")
 #: Keys that identify a row of each section (a resumed run skips rows whose key exists).
 ROW_KEYS: dict[str, tuple[str, ...]] = {
     "perplexity": ("condition", "length"),
     "passkey": ("condition", "length", "depth"),
     "needle": ("condition", "length", "depth"),
+    "retrieval": ("task", "condition", "length", "depth", "difficulty"),
 }
 
 
@@ -104,6 +108,7 @@ class ResultsFile:
             "perplexity": [],
             "passkey": [],
             "needle": [],
+            "retrieval": [],
             "status": "running",
         }
         self._trial_keys: set[tuple[Any, ...]] = set()
@@ -123,10 +128,12 @@ class ResultsFile:
     def _trial_key(record: Mapping[str, Any]) -> tuple[Any, ...]:
         depth = record.get("depth")
         return (
+            record.get("section"),
             record.get("task"),
             record.get("condition"),
             record.get("length"),
             round(depth, 6) if isinstance(depth, float) else depth,
+            record.get("difficulty"),
             record.get("seed"),
         )
 
@@ -146,12 +153,22 @@ class ResultsFile:
                 continue
             task = record.get("task")
             key = self._trial_key(record)
-            done = task not in SECTIONS or self.has(
-                task,
-                condition=record.get("condition"),
-                length=record.get("length"),
-                depth=record.get("depth"),
-            )
+            if record.get("section") == "retrieval":  # the teacher-forced suite: its own section and cells
+                done = self.has(
+                    "retrieval",
+                    task=task,
+                    condition=record.get("condition"),
+                    length=record.get("length"),
+                    depth=record.get("depth"),
+                    difficulty=record.get("difficulty"),
+                )
+            else:
+                done = task not in SECTIONS or self.has(
+                    task,
+                    condition=record.get("condition"),
+                    length=record.get("length"),
+                    depth=record.get("depth"),
+                )
             if not done or key in self._trial_keys:
                 dropped += 1
                 continue

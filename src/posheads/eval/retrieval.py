@@ -155,7 +155,7 @@ def evaluate_retrieval(
                     new = greedy_decode(model, ids.expand(n, -1), max_new_tokens, tokenizer)  # [n, t]
                     return tokenizer.batch_decode(new, skip_special_tokens=True)
 
-                return list(runner.call(group, fn))
+                return list(runner.call(group, fn, broadcast=False))  # decoding: rows diverge
 
             for prompt, texts in zip(cell, ranks.map(answers, cell, wrap=bar)):
                 for i, (cond, text) in enumerate(zip(group, texts)):
@@ -394,6 +394,7 @@ def evaluate_suite(
                         greedy[i].append(checks[i][0])
                     if on_trial is not None:
                         rec = {
+                            "section": "retrieval",
                             "task": task,
                             "condition": cond.name,
                             "length": length,
