@@ -297,3 +297,27 @@ def test_conditions_at_restricts_a_length(model, nested):
     }
     if nested:  # x is fed only at 64 tokens: one forward per document, none at 256
         assert sum(1 for c in calls if c == ["x"]) == 3
+
+
+def test_summary_tables_and_plot_carry_the_intervals(tmp_path):
+    from posheads.eval.plots import plot_perplexity, summary_tables
+
+    base = [2.0, 3.0, 2.5, 4.0]
+    per_doc = {"none": base, "positional": [v + 0.5 for v in base], "random@0": [v + 0.1 for v in base]}
+    per_doc["random@1"] = [v + 0.3 for v in base]
+    conds = [
+        {"name": "none", "kind": "none", "family": "none"},
+        {"name": "positional", "kind": "heads", "family": "positional"},
+        {"name": "random@0", "kind": "heads", "family": "random"},
+        {"name": "random@1", "kind": "heads", "family": "random"},
+    ]
+    data = _results(per_doc, [63, 40, 63, 50], conds)
+    for r in data["perplexity"]:
+        r.update(tokens=216, documents=4, windows=4)
+    data["perplexity_intervals"] = perplexity_intervals(data, n_boot=200)
+    text = summary_tables(data)
+    assert "[95% document-bootstrap interval]" in text
+    assert "positional - mean(random)  +0.3000 [+0.3000, +0.3000]" in text
+    assert "positional - none" in text and "documents" in text
+    png = plot_perplexity(data, tmp_path / "p.png")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"

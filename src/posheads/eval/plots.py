@@ -1,13 +1,17 @@
 """Plots and the printed summary of a ``results.json`` (matplotlib, Agg backend; no display needed).
 
-* ``perplexity.png`` -- perplexity against length, one line per condition family; a family with several
-  members (the random controls, one per seed) is drawn as its mean with a band from the lowest to the
-  highest seed.
+* ``perplexity.png`` -- two panels against length: perplexity, and the NLL difference from ``none``
+  (nats/token), one line per condition family with its document-bootstrap interval
+  (``results["perplexity_intervals"]``, :func:`posheads.eval.perplexity.perplexity_intervals`) as error
+  bars; a family with several members (the random controls, one per seed) is drawn as the mean over its
+  members with the interval of that mean as a band. Results without intervals fall back to a min-max
+  band over the members.
 * ``passkey.png`` / ``needle.png`` -- one length x depth accuracy heat-map per condition (the random
   family also gets a panel with the mean over seeds).
 
-:func:`summary_tables` formats the same numbers as text tables (perplexity: condition x length;
-retrieval: condition x length, accuracy averaged over depths).
+:func:`summary_tables` formats the same numbers as text tables: perplexity with intervals and document
+counts, the NLL differences from ``none`` and the Positional - control contrasts with intervals, and
+retrieval accuracy with Wilson intervals and trial counts.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from posheads.eval.intervals import wilson_interval
 from posheads.plotting import pyplot
 
 __all__ = [
@@ -45,8 +50,40 @@ def condition_families(results: Mapping[str, Any]) -> dict[str, list[str]]:
     return families
 
 
+def _interval_series(
+    results: Mapping[str, Any], family: str, members: Sequence[str], delta: bool
+) -> dict[int, tuple[float, float, float]]:
+    """``{length: (value, lo, hi)}`` of a family from ``perplexity_intervals``: PPL (``delta=False``) or the
+    NLL difference from ``none``; a multi-member family uses the interval of its members' mean."""
+    out: dict[int, tuple[float, float, float]] = {}
+    for length, at in ((results.get("perplexity_intervals") or {}).get("lengths") or {}).items():
+        conds, contrasts = at.get("conditions", {}), at.get("contrasts", {})
+        if len(members) == 1:
+            m = members[0]
+            if delta:
+                k = contrasts.get(f"{m} - none")
+                if k is not None:
+                    out[int(length)] = (k["value"], k["lo"], k["hi"])
+                elif m == "none" and m in conds:
+                    out[int(length)] = (0.0, 0.0, 0.0)
+            elif m in conds:
+                c = conds[m]
+                out[int(length)] = (c["ppl"], c["ppl_lo"], c["ppl_hi"])
+        else:
+            if not all(m in conds for m in members):
+                continue
+            k = contrasts.get(f"mean({family}) - none" if delta else f"mean({family})")
+            if k is None:
+                continue
+            if delta:
+                out[int(length)] = (k["value"], k["lo"], k["hi"])
+            else:
+                out[int(length)] = (math.exp(k["value"]), math.exp(k["lo"]), math.exp(k["hi"]))
+    return out
+
+
 def plot_perplexity(results: Mapping[str, Any], path: str | os.PathLike) -> Path | None:
-    """PPL vs length per condition family (band over the members of multi-member families)."""
+    """PPL and NLL - NLL(none) against length per condition family, with document-bootstrap intervals."""
     rows = results.get("perplexity", [])
     if not rows:
         return None
@@ -55,33 +92,71 @@ def plot_perplexity(results: Mapping[str, Any], path: str | os.PathLike) -> Path
     for r in rows:
         if r.get("ppl") is not None:
             ppl[r["condition"]][int(r["length"])] = float(r["ppl"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    has_iv = bool((results.get("perplexity_intervals") or {}).get("lengths"))
+    fig, axes = plt.subplots(1, 2 if has_iv else 1, figsize=(13 if has_iv else 7, 5), squeeze=False)
+    level = (results.get("perplexity_intervals") or {}).get("level", 0.95)
     for family, members in condition_families(results).items():
         members = [m for m in members if m in ppl]
         if not members:
             continue
-        lengths = sorted(set().union(*(ppl[m] for m in members)))
-        if len(members) == 1:
-            ys = [ppl[members[0]].get(L, math.nan) for L in lengths]
-            ax.plot(lengths, ys, marker="o", label=family)
-            continue
-        per_len = [[ppl[m][L] for m in members if L in ppl[m]] for L in lengths]
-        mean = [sum(v) / len(v) if v else math.nan for v in per_len]
-        lo = [min(v) if v else math.nan for v in per_len]
-        hi = [max(v) if v else math.nan for v in per_len]
-        (line,) = ax.plot(lengths, mean, marker="o", label=f"{family} (mean of {len(members)}, band min-max)")
-        ax.fill_between(lengths, lo, hi, color=line.get_color(), alpha=0.2)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+        for ax, delta in zip(axes[0], (False, True)):
+            label = family if len(members) == 1 else f"{family} (mean of {len(members)})"
+            series = _interval_series(results, family, members, delta) if has_iv else {}
+            if series:
+                xs = sorted(series)
+                ys = [series[x][0] for x in xs]
+                lo = [series[x][0] - series[x][1] for x in xs]
+                hi = [series[x][2] - series[x][0] for x in xs]
+                if len(members) == 1:
+                    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=3, label=label)
+                else:
+                    (line,) = ax.plot(xs, ys, marker="o", ms=3, label=label + ", band: its interval")
+                    ax.fill_between(
+                        xs,
+                        [series[x][1] for x in xs],
+                        [series[x][2] for x in xs],
+                        color=line.get_color(),
+                        alpha=0.2,
+                    )
+                continue
+            if delta:
+                continue
+            lengths = sorted(set().union(*(ppl[m] for m in members)))
+            if len(members) == 1:
+                ax.plot(
+                    lengths, [ppl[members[0]].get(L, math.nan) for L in lengths], marker="o", label=family
+                )
+                continue
+            per_len = [[ppl[m][L] for m in members if L in ppl[m]] for L in lengths]
+            mean = [sum(v) / len(v) if v else math.nan for v in per_len]
+            (line,) = ax.plot(lengths, mean, marker="o", label=f"{label}, band min-max")
+            ax.fill_between(
+                lengths,
+                [min(v) for v in per_len],
+                [max(v) for v in per_len],
+                color=line.get_color(),
+                alpha=0.2,
+            )
     all_lengths = sorted({int(r["length"]) for r in rows})
-    ax.set_xticks(all_lengths, [str(L) for L in all_lengths])
-    ax.minorticks_off()
-    ax.set_xlabel("window length (tokens)")
-    ax.set_ylabel("perplexity")
     proto = results.get("protocol", {})
-    ax.set_title(f"Perplexity by length -- {proto.get('model', '')}", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    docs = sorted({(int(r["length"]), int(r.get("documents", 0))) for r in rows})
+    n_docs = ", ".join(f"{L}: {n}" for L, n in dict(docs).items())
+    for ax, delta in zip(axes[0], (False, True)):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(all_lengths, [str(L) for L in all_lengths])
+        ax.minorticks_off()
+        ax.set_xlabel(f"window length (tokens); documents per length {n_docs}")
+        ax.grid(True, which="both", alpha=0.3)
+        if delta:
+            ax.axhline(0.0, color="k", lw=0.8)
+            ax.set_ylabel("NLL - NLL(none) (nats/token)")
+            ax.set_title(f"Difference from no ablation, {level:.0%} document-bootstrap intervals", fontsize=9)
+        else:
+            ax.set_yscale("log")
+            ax.set_ylabel("perplexity")
+            suffix = f", {level:.0%} document-bootstrap intervals" if has_iv else ""
+            ax.set_title(f"Perplexity by length -- {proto.get('model', '')}{suffix}", fontsize=9)
+    axes[0][-1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -252,24 +327,65 @@ def summary_tables(results: Mapping[str, Any]) -> str:
         )
     order = [m for members in condition_families(results).values() for m in members]
     ppl_rows = results.get("perplexity", [])
+    intervals = (results.get("perplexity_intervals") or {}).get("lengths") or {}
     if ppl_rows:
         lengths = sorted({int(r["length"]) for r in ppl_rows})
         cell = {(r["condition"], int(r["length"])): r for r in ppl_rows}
-        body = []
-        for name in order:
-            if any((name, L) in cell for L in lengths):
-                body.append(
-                    [name] + [f"{cell[(name, L)]['ppl']:.3f}" if (name, L) in cell else "-" for L in lengths]
-                )
-        tokens = ["tokens"] + [
-            str(next(r["tokens"] for r in ppl_rows if int(r["length"]) == L)) for L in lengths
+
+        def ppl_cell(name: str, L: int) -> str:
+            if (name, L) not in cell:
+                return "-"
+            c = (intervals.get(str(L)) or {}).get("conditions", {}).get(name)
+            if c is None:
+                return f"{cell[(name, L)]['ppl']:.3f}"
+            return f"{c['ppl']:.3f} [{c['ppl_lo']:.3f}, {c['ppl_hi']:.3f}]"
+
+        body = [
+            [name] + [ppl_cell(name, L) for L in lengths]
+            for name in order
+            if any((name, L) in cell for L in lengths)
         ]
-        docs = ["documents"] + [
-            str(next(r["documents"] for r in ppl_rows if int(r["length"]) == L)) for L in lengths
-        ]
+
+        def per_length(key: str) -> list[str]:
+            out = []
+            for L in lengths:
+                values = sorted({int(r[key]) for r in ppl_rows if int(r["length"]) == L})
+                out.append("/".join(str(v) for v in values))
+            return out
+
+        level = (results.get("perplexity_intervals") or {}).get("level", 0.95)
+        title = "Perplexity" + (f" [{level:.0%} document-bootstrap interval]" if intervals else "")
         parts.append(
-            "Perplexity\n" + _table(["condition"] + [str(L) for L in lengths], body + [tokens, docs])
+            title
+            + "\n"
+            + _table(
+                ["condition"] + [str(L) for L in lengths],
+                body + [["tokens", *per_length("tokens")], ["documents", *per_length("documents")]],
+            )
         )
+        if intervals:
+            names: list[str] = []
+            for at in intervals.values():
+                for k in at.get("contrasts", {}):
+                    if k not in names and not (k.startswith("mean(") and " - " not in k):
+                        names.append(k)
+
+            def k_cell(name: str, L: int) -> str:
+                k = (intervals.get(str(L)) or {}).get("contrasts", {}).get(name)
+                return "-" if k is None else f"{k['value']:+.4f} [{k['lo']:+.4f}, {k['hi']:+.4f}]"
+
+            deltas = [n for n in names if n.endswith(" - none")]
+            others = [n for n in names if not n.endswith(" - none")]
+            for heading, chosen in (
+                ("NLL difference from none, nats/token", deltas),
+                ("Positional - control and dims_high - dims_low, nats/token (paired)", others),
+            ):
+                if chosen:
+                    body = [[n] + [k_cell(n, L) for L in lengths] for n in chosen]
+                    parts.append(
+                        f"{heading} [{level:.0%} interval]\n"
+                        + _table(["contrast"] + [str(L) for L in lengths], body)
+                    )
     for task in ("passkey", "needle"):
         rows = results.get(task, [])
         if not rows:
@@ -287,10 +403,14 @@ def summary_tables(results: Mapping[str, Any]) -> str:
                 rs = acc.get((name, L), [])
                 trials = sum(r["trials"] for r in rs)
                 correct = sum(r.get("correct", r["accuracy"] * r["trials"]) for r in rs)
-                cells.append(f"{correct / trials:.2f} ({trials})" if trials else "-")
+                if trials:
+                    lo, hi = wilson_interval(int(round(correct)), int(trials))
+                    cells.append(f"{correct / trials:.2f} [{lo:.2f}, {hi:.2f}] ({trials})")
+                else:
+                    cells.append("-")
             body.append([name, *cells])
         parts.append(
-            f"{task} accuracy (mean over depths; trials)\n"
+            f"{task} accuracy (mean over depths [95% Wilson interval]; trials)\n"
             + _table(["condition"] + [str(L) for L in lengths], body)
         )
     suite = results.get("retrieval", [])
