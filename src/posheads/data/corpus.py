@@ -253,6 +253,9 @@ class LocalFilesCorpus(DocumentSource):
                     raise ValueError(f"LocalFilesCorpus: file {display!r} is not UTF-8 text ({err})") from err
                 log.warning("LocalFilesCorpus: skipping %s (not UTF-8 text)", display)
                 continue
+            if not text.strip():  # an empty file is not a document (it would count without a token)
+                log.warning("LocalFilesCorpus: skipping %s (empty)", display)
+                continue
             yield Document(display, text)
 
     def _jsonl_documents(self, path: Path, display: str) -> Iterator[Document]:
@@ -277,6 +280,11 @@ class LocalFilesCorpus(DocumentSource):
                         f"LocalFilesCorpus: {display}:{lineno} field {self.text_field!r} is "
                         f"{type(text).__name__}, not a string"
                     )
+                if not text.strip():
+                    log.warning(
+                        "LocalFilesCorpus: skipping %s:%d (empty %r)", display, lineno, self.text_field
+                    )
+                    continue
                 yield Document(f"{display}:{lineno}", text)
 
 

@@ -98,7 +98,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     try:
         ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except argparse.ArgumentError as err:
-        known = _flatten(parser.get_defaults().as_dict())
+        known = _flatten(parser.get_defaults(skip_validation=True).as_dict())
         raise from_argparse(err, known) from None
     values = ns.as_dict()
     names = {f.name for f in dataclasses.fields(EvalConfig)}

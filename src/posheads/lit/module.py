@@ -53,6 +53,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from posheads.errors import ConfigError
 from posheads.lit.config import OptimConfig
 from posheads.lit.loss import chunked_causal_lm_loss, chunked_loss_supported
 from posheads.lit.metrics import IGNORE_INDEX, NLLSum, TokenNLL, causal_nll_sum
@@ -459,9 +460,12 @@ class LengthExtensionModule(L.LightningModule):
         total = self.optim.total_steps
         if total is None:
             estimate = self.trainer.estimated_stepping_batches
-            if not math.isfinite(estimate):
-                raise ValueError(
-                    "optim.total_steps=None and the trainer has no step limit: set trainer.max_steps"
+            if not math.isfinite(estimate) or estimate < 1:
+                raise ConfigError(
+                    "model.optim.total_steps",
+                    None,
+                    f"is unset and the trainer's step estimate is {estimate}: the schedule needs a length",
+                    hint="set trainer.max_steps >= 1 (or model.optim.total_steps)",
                 )
             total = int(estimate)
         scheduler = build_scheduler(optimizer, self.optim, total)

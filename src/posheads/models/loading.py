@@ -343,6 +343,48 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+#: Config fields that state the context a model was pre-trained on.
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def config_declares_context(cfg: ModelConfig) -> bool:
+    """Whether the model's own config states its pre-training context. ``False`` only for a local directory
+    whose ``config.json`` has none of :data:`_CONTEXT_FIELDS` (nor a RoPE ``original_max_position_embeddings``):
+    Transformers would then fill in its class default (2048 for Llama), a guess. Hub configs, GGUF headers, the
+    tiny model and SmolLM2 state it."""
+    import json
+
+    if cfg.name_or_path in (TINY, SMOLLM2):
+        return True
+    path = Path(cfg.name_or_path).expanduser()
+    if not (path.is_dir() and (path / "config.json").is_file()):
+        return True
+    try:
+        raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # unreadable: load_model_config reports it
+    for section in (raw, raw.get("text_config") or {}):
+        if not isinstance(section, dict):
+            continue
+        if any(section.get(k) for k in _CONTEXT_FIELDS):
+            return True
+        for key in ("rope_scaling", "rope_parameters"):
+            sub = section.get(key)
+            if isinstance(sub, dict) and sub.get("original_max_position_embeddings"):
+                return True
+    return False
+
+
+def module_names(config: PretrainedConfig) -> set[str]:
+    """The last components of the module names of the model ``config`` describes (what LoRA's
+    ``target_modules`` match), from a weightless instance on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name}
+
+
 def load_model_config(cfg: ModelConfig) -> PretrainedConfig:
     """The Transformers config of ``cfg``'s model without loading its weights (for validation up front)."""
     from transformers import AutoConfig
