@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -156,6 +155,15 @@ def test_probe_pass_equals_identify_and_shards_add_up():
     reference = identify_positional_heads(model, ids, cfg, progress=False)
     for name, value in reference.stats.tensors().items():
         torch.testing.assert_close(whole.stats.tensors()[name], value, rtol=1e-12, atol=1e-12)
+    # the sink pairs (sink_keys) and the geometry null are collected and reduced like the statistics
+    assert cfg.sink_keys == 1 and whole.sink_stats is not None and whole.geometry_stats is not None
+    for part, ref in (
+        (whole.sink_stats, reference.sink_stats),
+        (whole.geometry_stats, reference.geometry_stats),
+    ):
+        assert ref is not None and float(part.moments.abs().sum()) > 0
+        for name, value in ref.tensors().items():
+            torch.testing.assert_close(part.tensors()[name], value, rtol=1e-12, atol=1e-12)
     assert float(whole.stats.rows) == 5 * 12 and whole.forwards == 5
 
     # two "ranks" with reduce=False merge to the whole (rank 1 runs a padding forward that adds nothing)
@@ -176,7 +184,6 @@ def test_probe_pass_equals_identify_and_shards_add_up():
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert whole.nll == pytest.approx(float(loss), rel=1e-5)
-    assert whole.ppl == pytest.approx(math.exp(float(loss)), rel=1e-5)
 
 
 def test_shard_batches_and_probe_selection():
@@ -237,6 +244,12 @@ def test_cli_run_writes_timeline_images_and_logged_keys(monkeypatch, tmp_path):
         h = e["heads"][tracked[0]]
         assert e["tracked_set"]["extension_bin"] == h["hda_extension_bin"]  # a set of one head
         assert e["tracked_set"]["area"] == pytest.approx(sum(v for v in h["hda"][1:] if v is not None))
+        # the sink share: per head, and the set's mean (a set of one head); sinks are outside the statistics
+        layer, head = (int(x) for x in tracked[0][1:].split("H"))  # "L{layer}H{head}"
+        assert h["sink_share"] == e["sink_share"][layer][head]
+        assert e["sink_keys"] == 1 and e["tracked_set"]["sink_share"] == h["sink_share"]
+        assert 0.0 < h["sink_share"] < 1.0 and h["score_with_sinks"] is not None
+        assert e["tracked_set"]["null_geometry"] == h["null_geometry"] is not None
     assert evals[0]["jaccard_step0"] == 1.0
     eff = timeline["efficiency"]
     assert eff["spearman_extension_ppl"]["n"] == 3 and eff["ppl"]["first"] == evals[0]["ppl"]["ppl"]
@@ -257,6 +270,10 @@ def test_cli_run_writes_timeline_images_and_logged_keys(monkeypatch, tmp_path):
         "tracking/set/hda_extension_bin",
         "tracking/set/hda_area",
         "tracking/set/score",
+        "tracking/set/sink_share",
+        "tracking/set/score_with_sinks",
+        "tracking/set/null_geometry",
+        f"tracking/head/{name}/sink_share",
         "tracking/current_set/hda_extension_distance",
         f"tracking/head/{name}/hda_bin03",
         f"tracking/head/{name}/score",

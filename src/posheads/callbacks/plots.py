@@ -20,7 +20,9 @@ def _nan(v: Any) -> float:
 def plot_timeline(timeline: dict[str, Any], path: str | Path) -> Path:
     """Two panels against optimizer step: (top) HDA extension bin of every tracked head (thin) and their mean
     (thick), perplexity on the right axis; (bottom) HDA area of every tracked head (thin) and their mean (thick),
-    and the Jaccard overlap of the current Positional Heads with those of step 0 on the right axis."""
+    and on the right axis the Jaccard overlap of the current Positional Heads with those of step 0 and the
+    tracked set's mean attention share on the first key(s) (the sink share, not part of the statistics when
+    ``sink_keys > 0``)."""
     plt = pyplot()
     evals = timeline.get("evaluations", [])
     steps = [e["step"] for e in evals]
@@ -55,8 +57,15 @@ def plot_timeline(timeline: dict[str, Any], path: str | Path) -> Path:
         marker="s",
         label="Jaccard vs step 0",
     )
+    sink = [_nan(e["tracked_set"].get("sink_share")) for e in evals]
+    if any(math.isfinite(v) for v in sink):
+        keys = evals[-1].get("sink_keys") if evals else None
+        axj.plot(
+            steps, sink, color="tab:purple", marker="^", label=f"sink share (tracked set, sink_keys={keys})"
+        )
+        axj.legend(fontsize=6, loc="lower right")
     axj.set_ylim(-0.02, 1.02)
-    axj.set_ylabel("Jaccard vs step 0", color="tab:green")
+    axj.set_ylabel("Jaccard vs step 0 / sink share", color="tab:green")
     ax2.set_xlabel("optimizer step")
     fig.tight_layout()
     path = Path(path)

@@ -125,7 +125,9 @@ class ProbePassResult:
     """What one probe pass returns (identical on every rank after the reduction).
 
     Attributes:
-        stats: the per-pair sums over the whole probe set.
+        stats: the per-pair sums over the whole probe set (without the sink pairs, ``cfg.sink_keys``).
+        sink_stats: the sink pairs' sums (``None`` when ``cfg.sink_keys == 0``).
+        geometry_stats: the RoPE-geometry null's sums (``None`` unless ``cfg.geometry_null``).
         nll_sum: summed next-token NLL over the scored tokens (0 when not requested).
         tokens: number of scored tokens (every token but the first of each sequence; 0 when not requested).
         seconds: wall time of this rank's pass (forwards, statistics, reduction).
@@ -133,6 +135,8 @@ class ProbePassResult:
     """
 
     stats: PairStats
+    sink_stats: PairStats | None = None
+    geometry_stats: PairStats | None = None
     nll_sum: float = 0.0
     tokens: int = 0
     seconds: float = 0.0
@@ -215,19 +219,25 @@ def run_probe_pass(
                 tokens += ids.numel() - ids.shape[0]
             del logits
     stats = collector.stats
+    extras = (collector.sink_stats, collector.geometry_stats)
     sums = torch.stack([nll, torch.tensor(float(tokens), dtype=torch.float64, device=device)])  # [2]
     if reduce:
         all_reduce(stats)
+        for extra in extras:
+            if extra is not None:
+                all_reduce(extra)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums, op=dist.ReduceOp.SUM)
     result = ProbePassResult(
         stats=stats.to("cpu"),
+        sink_stats=None if extras[0] is None else extras[0].to("cpu"),
+        geometry_stats=None if extras[1] is None else extras[1].to("cpu"),
         nll_sum=float(sums[0]),
         tokens=int(round(float(sums[1]))),
         forwards=forwards,
     )
-    del collector, stats
+    del collector, stats, extras
     result.seconds = time.perf_counter() - started
     return result

@@ -489,7 +489,12 @@ class PositionalHeadTracker(Callback):
         result, ppl = self._run_pass(trainer, pl_module)
         assert self._i_c is not None and self.probe is not None
         analysis = analyze(
-            result.stats, self.heads, self._i_c, {"step": step, "probe": self.probe.describe()}
+            result.stats,
+            self.heads,
+            self._i_c,
+            {"step": step, "probe": self.probe.describe()},
+            sink_stats=result.sink_stats,
+            geometry_stats=result.geometry_stats,
         )
         current = analysis.positional_heads()
         if self._step0 is None:
@@ -519,6 +524,12 @@ class PositionalHeadTracker(Callback):
         assert self._tracked is not None and self._step0 is not None
         current = analysis.positional_heads()
         tracked_mask = _mask(self._tracked, analysis.scores.shape)
+        assert analysis.sink_share is not None
+        sink_share, with_sinks, geometry = (
+            analysis.sink_share,
+            analysis.scores_with_sinks,
+            analysis.null_geometry,
+        )
         record: dict[str, Any] = {
             "step": step,
             "kind": kind,
@@ -533,6 +544,8 @@ class PositionalHeadTracker(Callback):
             "heads": {},
             "scores": [[_num(v) for v in row] for row in analysis.scores.tolist()],
             "score_excess": [[_num(v) for v in row] for row in analysis.excess.tolist()],
+            "sink_keys": analysis.config.sink_keys,
+            "sink_share": [[_num(v) for v in row] for row in sink_share.tolist()],
             "ppl": ppl,
         }
         if self._table_heads is not None:
@@ -546,6 +559,9 @@ class PositionalHeadTracker(Callback):
                 "score": _num(analysis.scores[layer, head]),
                 "score_excess": _num(analysis.excess[layer, head]),
                 "z": _num(analysis.z[layer, head]),
+                "sink_share": _num(sink_share[layer, head]),
+                "score_with_sinks": _num(with_sinks[layer, head]),
+                "null_geometry": None if geometry is None else _num(geometry[layer, head]),
                 "tracked": (layer, head) in self._tracked,
                 "positional": bool(analysis.positional[layer, head]),
             }
@@ -556,6 +572,11 @@ class PositionalHeadTracker(Callback):
         out = analysis.set_hda(mask)  # curve, extension_bin, extension_distance, area, mean
         out["score"] = _num(set_average(analysis.scores, mask))
         out["score_excess"] = _num(set_average(analysis.excess, mask))
+        assert analysis.sink_share is not None
+        out["sink_share"] = _num(set_average(analysis.sink_share, mask))
+        out["score_with_sinks"] = _num(set_average(analysis.scores_with_sinks, mask))
+        geometry = analysis.null_geometry
+        out["null_geometry"] = None if geometry is None else _num(set_average(geometry, mask))
         out["num_heads"] = int(mask.sum())
         return out
 
@@ -580,6 +601,9 @@ class PositionalHeadTracker(Callback):
             put(f"{prefix}/hda_area", summary["area"])
             put(f"{prefix}/score", summary["score"])
             put(f"{prefix}/score_excess", summary["score_excess"])
+            put(f"{prefix}/sink_share", summary["sink_share"])
+            put(f"{prefix}/score_with_sinks", summary["score_with_sinks"])
+            put(f"{prefix}/null_geometry", summary["null_geometry"])
         for name, h in record["heads"].items():
             if not h["tracked"]:
                 continue
@@ -594,6 +618,7 @@ class PositionalHeadTracker(Callback):
                 "score",
                 "score_excess",
                 "z",
+                "sink_share",
             ):
                 put(f"{prefix}/{key}", h[key])
         put("tracking/num_positional_heads", record["num_positional_heads"])
