@@ -272,6 +272,27 @@ def test_groups_are_ordered_by_first_ablated_layer(model):
     groups = runner.groups(100)
     assert [[c.name for c in g] for g in groups] == [["none", "late"], ["mid", "mid2"], ["dims", "early"]]
     assert [runner.first_layer(g) for g in groups] == [3, 2, 1]
+    # unlimited rows: the partition minimising layer work, checked against every contiguous partition
+    runner = _runner(model, 6, True)
+    groups = runner.groups(100)
+    flat = [c for g in groups for c in g]
+    assert sorted(c.name for c in flat) == sorted(c.name for c in CONDS)
+    best = min(
+        runner.layer_work([flat[a:b] for a, b in zip((0, *cuts), (*cuts, len(flat)))])
+        for k in range(len(flat))
+        for cuts in __import__("itertools").combinations(range(1, len(flat)), k)
+    )
+    assert runner.layer_work(groups) == best < runner.layer_work([flat])
+    # a condition that changes layer 0 gets a forward of its own instead of cutting everyone's prefix
+    runner = ConditionRunner(
+        model,
+        [*CONDS, Condition("first", "heads", ((0, 0),))],
+        max_rows=8,
+        prefix=shared_prefix,
+        num_layers=4,
+    )
+    last = runner.groups(100)[-1]
+    assert "first" in [c.name for c in last] and all((c.first_layer or 0) <= 1 for c in last)
 
 
 @torch.inference_mode()

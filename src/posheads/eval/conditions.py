@@ -198,17 +198,47 @@ class ConditionRunner:
         return min((c.first_layer for c in group if c.first_layer is not None), default=self.num_layers)
 
     def groups(self, length: int, conditions: Sequence[Condition] | None = None) -> list[list[Condition]]:
-        """``conditions`` (default: all) cut into consecutive groups of :meth:`rows_for` conditions. With a
-        shared prefix they are first sorted by the first layer they change, latest first (stable), so that
-        the groups' shared prefixes are as long as they can be (consecutive chunks of the sorted order
-        maximise the sum of the groups' minima)."""
+        """``conditions`` (default: all) cut into groups of at most :meth:`rows_for` conditions.
+
+        Without a shared prefix: consecutive chunks, in order. With one: the conditions are sorted by the first
+        layer they change, latest first (stable), and cut into the consecutive groups that minimise the layer
+        work ``sum over groups of f + rows * (num_layers - f)`` (``f``: the group's shared prefix, its least
+        first layer) -- a condition that changes an early layer gets its own forward rather than cutting
+        the prefix of the others (dynamic programming over the cut points; ties: fewer groups)."""
         conds = list(self.conditions if conditions is None else conditions)
-        if self.prefix is not None:
-            assert self.num_layers is not None
-            n = self.num_layers
-            conds.sort(key=lambda c: -(n if c.first_layer is None else c.first_layer))
         size = self.rows_for(length)
-        return [conds[i : i + size] for i in range(0, len(conds), size)]
+        if self.prefix is None:
+            return [conds[i : i + size] for i in range(0, len(conds), size)]
+        assert self.num_layers is not None
+        n_layers = self.num_layers
+        first = [n_layers if c.first_layer is None else c.first_layer for c in conds]
+        order = sorted(range(len(conds)), key=lambda i: -first[i])
+        conds = [conds[i] for i in order]
+        f = [first[i] for i in order]
+        best: list[tuple[int, int, int]] = [(0, 0, 0)]  # (work, groups, start of the last group) per prefix
+        for end in range(1, len(conds) + 1):
+            options = []
+            for start in range(max(0, end - size), end):
+                fmin = f[end - 1]
+                work = fmin + (end - start) * (n_layers - fmin)
+                options.append((best[start][0] + work, best[start][1] + 1, start))
+            best.append(min(options))
+        cuts: list[tuple[int, int]] = []
+        end = len(conds)
+        while end:
+            start = best[end][2]
+            cuts.append((start, end))
+            end = start
+        return [conds[a:b] for a, b in reversed(cuts)]
+
+    def layer_work(self, groups: Sequence[Sequence[Condition]]) -> int:
+        """Layer-rows the groups cost with the shared prefix (``num_layers * conditions`` without it)."""
+        assert self.num_layers is not None
+        total = 0
+        for g in groups:
+            fmin = self.first_layer(g) if len(g) > 1 else 0
+            total += fmin + len(g) * (self.num_layers - fmin)
+        return total
 
     def call(self, group: Sequence[Condition], fn: Callable[[int], Any], broadcast: bool = True) -> list[Any]:
         """``fn(n_rows)`` under ``apply(model, chunk)`` for consecutive chunks of ``group`` of at most
