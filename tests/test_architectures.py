@@ -453,3 +453,31 @@ def test_multimodal_rope_is_refused_from_the_config(name):
         config = CONFIG_MAPPING[name]()
     with pytest.raises(ValueError, match=r"model_type='.*' is not supported: multimodal RoPE"):
         describe_rope(config)
+
+
+def test_training_module_refuses_sdpa_with_the_reason_and_accepts_eager_for_gemma2(tmp_path):
+    """Through the LightningModule: Gemma 2 saved to a directory, loaded as a user would."""
+    from posheads.lit.module import LengthExtensionModule
+    from posheads.models import ModelConfig
+
+    build("gemma2", fresh=True).save_pretrained(tmp_path / "gemma2")
+    lm = dict(name_or_path=str(tmp_path / "gemma2"), dtype="float32")
+    with pytest.raises(ValueError, match=r"Transformers refuses SDPA.*attn_implementation='eager'"):
+        LengthExtensionModule(128, lm=ModelConfig(**lm, attn_implementation="sdpa")).configure_model()
+    module = LengthExtensionModule(128, lm=ModelConfig(**lm, attn_implementation="eager"))
+    with pytest.warns(UserWarning, match=r"model_type='gemma2' trains with eager attention.*GiB"):
+        module.configure_model()
+    ids = tokens(2, 16)
+    loss = module.model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert math.isfinite(float(loss))
+
+
+def test_sweep_shape_counts_rotary_pairs_and_refuses_a_sweep_wide_critical_pair_for_gemma3():
+    from posheads.eval.sweep import ModelShape, resolve_critical_pair
+
+    assert ModelShape.from_config(build("phi3").config).num_pairs == 4  # 8 rotary of 16
+    assert ModelShape.from_config(build("deepseek_v3").config).num_pairs == 4  # MLA rope part
+    shape = ModelShape.from_config(build("gemma3_text").config)
+    with pytest.raises(ValueError, match="per-layer-type RoPE"):
+        resolve_critical_pair("critical", shape)

@@ -116,7 +116,8 @@ class ModelConfig:
         gguf_file: file name of a GGUF checkpoint inside ``name_or_path`` (a directory or hub repo).
         tokenizer: tokenizer id/directory when it differs from the model's.
         dtype: float32 | bfloat16 | float16 (the weights' dtype).
-        attn_implementation: Transformers attention backend; ``sdpa`` by default (never needed: ``eager``).
+        attn_implementation: Transformers attention backend; ``sdpa`` by default. ``eager`` only where
+            Transformers refuses SDPA (Gemma 2: soft-capped logits); training refuses it otherwise.
         lora: wrap the model with LoRA adapters (``peft``); ``None`` = full fine-tuning.
         gradient_checkpointing: recompute activations in the backward pass.
         tiny: the shape of the tiny model when ``name_or_path == "tiny"``.
