@@ -740,6 +740,17 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
             results.set("heads", table)
             results.set("heads_summary", _heads_summary(found.analysis))
             timings["heads"] = round(time.time() - t_task, 1)
+        elif cfg.sweep.uses_mean and cfg.evaluates:
+            # heads read from a previous run: the means for mean ablation are taken on its probe documents
+            if not prep.probe_documents:
+                raise ValueError(
+                    f"mean ablation with heads.from_results={cfg.heads.from_results!r} needs the probe documents "
+                    "of that identification: the table records none; set heads.probe_documents"
+                )
+            from posheads.heads import head_means
+
+            probes = _probe_sequences(cfg, prep.probe_documents).to(device)
+            means = head_means(model, probes, batch_size=cfg.heads.analysis.batch_size)
         conditions = [NONE]
         if cfg.evaluates:
             conditions = build_conditions(

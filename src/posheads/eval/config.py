@@ -647,10 +647,11 @@ class EvalConfig:
             raise ValueError(
                 f"sweep.conditions {needs} need the Positional Heads: add 'heads' to tasks or set heads.from_results"
             )
-        if self.sweep.uses_mean and self.evaluates and "heads" not in self.tasks:
+        if self.sweep.uses_mean and self.evaluates and "heads" not in self.tasks and not self.heads.from_results:
             raise ValueError(
                 "mean ablation (sweep.ablation='mean' or a ':mean' condition) needs the head means of the "
-                "probe set: add 'heads' to tasks"
+                "probe set: add 'heads' to tasks (or read the heads with heads.from_results: the means are "
+                "then taken on the probe documents that run recorded)"
             )
         if self.perplexity.conditions_at:
             # names must be conditions (``random@3``, families such as ``dims_high[random]`` included); a
