@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -321,3 +322,45 @@ def test_summary_tables_and_plot_carry_the_intervals(tmp_path):
     assert "positional - none" in text and "documents" in text
     png = plot_perplexity(data, tmp_path / "p.png")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_merge_split_sweeps(tmp_path):
+    from posheads.eval.merge import main as merge_main
+    from posheads.eval.merge import merge_results
+
+    base = [2.0, 3.0, 2.5, 4.0]
+    tokens = [63, 40, 63, 50]
+    conds = {
+        "none": {"name": "none", "kind": "none", "family": "none"},
+        "positional": {"name": "positional", "kind": "heads", "family": "positional"},
+        "random@0": {"name": "random@0", "kind": "heads", "family": "random"},
+    }
+    a = _results(
+        {"none": base, "positional": [v + 0.5 for v in base]}, tokens, [conds["none"], conds["positional"]]
+    )
+    b = _results(
+        {"none": base, "random@0": [v + 0.1 for v in base]}, tokens, [conds["none"], conds["random@0"]]
+    )
+    for run, names in ((a, ["none", "positional"]), (b, ["none", "random@0"])):
+        run["protocol"] = {"model": "m", "conditions": names, "perplexity": {"n_boot": 100}}
+        for r in run["perplexity"]:
+            r.update(tokens=216, documents=4, windows=4)
+    merged = merge_results([a, b])
+    assert [c["name"] for c in merged["conditions"]] == ["none", "positional", "random@0"]
+    k = merged["perplexity_intervals"]["lengths"]["64"]["contrasts"]["positional - random@0"]
+    assert k["value"] == pytest.approx(0.4) and k["lo"] == pytest.approx(0.4)
+    # a shared row that differs, or another protocol, is refused
+    bad = json.loads(json.dumps(b))
+    bad["perplexity"][0]["nll"] += 0.01
+    with pytest.raises(ValueError, match="differs between the runs"):
+        merge_results([a, bad])
+    other = json.loads(json.dumps(b))
+    other["protocol"]["model"] = "n"
+    with pytest.raises(ValueError, match=r"protocol keys \['model'\]"):
+        merge_results([a, other])
+    for name, run in (("a", a), ("b", b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(run))
+    merge_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "m")])
+    assert "positional - random@0" in (tmp_path / "m" / "summary.txt").read_text()
+    assert (tmp_path / "m" / "perplexity.png").is_file()
