@@ -63,3 +63,29 @@ def test_compare_runs_names_what_is_missing(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no report.json"):
         compare_runs([tmp_path / "empty"])
+
+
+def test_method_separation_alone_is_not_a_significant_correlation(tmp_path):
+    # Within each method HDA and PPL are unrelated (Spearman 0 exactly), but YaRN runs have high HDA and low
+    # PPL and PI runs the reverse: the pooled rho is strongly negative; the grouped test must not call it
+    # significant.
+    hda0 = [0.1, 0.2, 0.3, 0.4, 0.5]
+    ppl0 = [2.0, 5.0, 3.0, 1.0, 4.0]
+    runs = [
+        _run(tmp_path, f"yarn_s{i}", "yarn x4", i, 0.5 + h, 2.0, 6.0 + p / 10)
+        for i, (h, p) in enumerate(zip(hda0, ppl0))
+    ]
+    runs += [
+        _run(tmp_path, f"pi_s{i}", "linear x4", i, h, 1.0, 9.0 + p / 10)
+        for i, (h, p) in enumerate(zip(hda0, ppl0))
+    ]
+    result = compare_runs(runs)
+    pooled = result["spearman_across_runs"]["hda_longest_final~ppl_target_after"]
+    assert pooled["rho"] < -0.5 and pooled["p_value"] < 0.05  # what the ungrouped test says
+    g = result["grouped_by_method"]["hda_longest_final~ppl_target_after"]
+    assert g["within"]["p_value"] > 0.5 and g["within"]["statistic"] == pytest.approx(0.0, abs=1e-12)
+    assert g["within_method"] == {
+        "yarn": {"rho": pytest.approx(0.0, abs=1e-12), "n": 5},
+        "linear": {"rho": pytest.approx(0.0, abs=1e-12), "n": 5},
+    }
+    assert g["labels"]["p_value"] == 1.0  # two methods: the method means cannot be tested

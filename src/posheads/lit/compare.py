@@ -22,7 +22,7 @@ from typing import Any
 from posheads.callbacks.efficiency import spearman
 from posheads.plotting import pyplot
 
-__all__ = ["compare_runs", "main", "run_summary"]
+__all__ = ["compare_runs", "grouped_correlation", "main", "run_summary"]
 
 
 def _load(path: Path, what: str) -> dict[str, Any]:
@@ -70,18 +70,44 @@ def run_summary(run_dir: str | Path) -> dict[str, Any]:
     }
 
 
+def _method(scaling: Any) -> str:
+    """The scaling method of a run (the grouping of the permutation tests)."""
+    if isinstance(scaling, dict):
+        return str(scaling.get("method") or scaling.get("rope_type") or scaling)
+    return str(scaling).split()[0] if scaling else "none"
+
+
+def grouped_correlation(x: list[float], y: list[float], methods: list[str], seed: int = 0) -> dict[str, Any]:
+    """Permutation tests that keep the method grouping (:mod:`posheads.eval.intervals`): ``within`` (``y``
+    permuted inside each method; statistic: the pooled within-method Spearman correlation), ``labels`` (the
+    Spearman correlation of the method means, method labels permuted), and the correlation inside every
+    method with its ``n``. Separated methods alone cannot make ``within`` significant."""
+    from posheads.eval.intervals import grouped_permutation_test, within_group_correlations
+
+    pairs = [(a, b, m) for a, b, m in zip(x, y, methods, strict=True) if a is not None and b is not None]
+    xs, ys, ms = [p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs]
+    return {
+        "within": grouped_permutation_test(xs, ys, ms, mode="within", seed=seed),
+        "labels": grouped_permutation_test(xs, ys, ms, mode="labels", seed=seed),
+        "within_method": within_group_correlations(xs, ys, ms),
+    }
+
+
 def compare_runs(run_dirs: list[str | Path]) -> dict[str, Any]:
-    """Summaries of the runs and the across-run Spearman correlations with the PPL at the target length."""
+    """Summaries of the runs, the across-run Spearman correlations with the PPL at the target length, and the
+    same correlations tested with the scaling-method grouping kept (``grouped``): the pooled correlation
+    across runs of several methods is mostly what the methods' separation produces."""
     rows = [run_summary(r) for r in run_dirs]
     ppl = [r["ppl_target_after"] for r in rows]
-    correlations = {
-        f"{key}~ppl_target_after": spearman([r[key] for r in rows], ppl)
-        for key in ("area_final", "hda_longest_final")
+    methods = [_method(r["scaling"]) for r in rows]
+    xs = {
+        "area_final": [r["area_final"] for r in rows],
+        "hda_longest_final": [r["hda_longest_final"] for r in rows],
+        "area_change": [r["area_final"] - r["area_first"] for r in rows],
     }
-    correlations["area_change~ppl_target_after"] = spearman(
-        [r["area_final"] - r["area_first"] for r in rows], ppl
-    )
-    return {"runs": rows, "spearman_across_runs": correlations}
+    correlations = {f"{key}~ppl_target_after": spearman(x, ppl) for key, x in xs.items()}
+    grouped = {f"{key}~ppl_target_after": grouped_correlation(x, ppl, methods) for key, x in xs.items()}
+    return {"runs": rows, "spearman_across_runs": correlations, "grouped_by_method": grouped}
 
 
 def plot_comparison(result: dict[str, Any], path: str | Path) -> Path:
@@ -143,6 +169,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for name, s in result["spearman_across_runs"].items():
         rho = "n/a" if s["rho"] is None else f"{s['rho']:+.3f} (p = {s['p_value']:.3f})"
         print(f"Spearman across runs {name}: {rho}, n = {s['n']}")
+        g = result["grouped_by_method"][name]
+        w, lab = g["within"], g["labels"]
+        if w["p_value"] is not None:
+            print(
+                f"  keeping the method grouping: within-method rho {w['statistic']:+.3f} "
+                f"(permutation p = {w['p_value']:.3f}, {w['n_groups']} methods)"
+            )
+        if lab["p_value"] is not None:
+            print(f"  method means: rho {lab['statistic']:+.3f} (label permutation p = {lab['p_value']:.3f})")
+        for m, c in g["within_method"].items():
+            rho_m = "n/a" if c["rho"] is None else f"{c['rho']:+.3f}"
+            print(f"  within {m}: rho {rho_m}, n = {c['n']}")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
