@@ -433,6 +433,35 @@ def check_output(cfg: EvalConfig) -> dict[str, Any]:
     return changes
 
 
+def _check_original_context(cfg: EvalConfig) -> None:
+    """No silent default for the pre-training context: a model whose config does not state it (Transformers
+    would fill in its class default) needs it given wherever it is used -- a RoPE scaling, ``i_c``."""
+    from posheads.models import config_declares_context
+
+    if config_declares_context(cfg.model):
+        return
+    why = (
+        f"the config of model.name_or_path={cfg.model.name_or_path!r} does not state the context it was "
+        "pre-trained on (no max_position_embeddings); Transformers would fill in a default"
+    )
+    if (
+        cfg.rope is not None
+        and cfg.rope.method != "none"
+        and cfg.rope.original_max_position_embeddings is None
+    ):
+        raise ConfigError(
+            "rope.original_max_position_embeddings", None, why, hint="set it to the pre-training context"
+        )
+    needs_i_c = "heads" in cfg.tasks or bool({"dims_high", "dims_low"}.intersection(cfg.sweep.conditions))
+    if needs_i_c and cfg.heads.analysis.original_context is None:
+        raise ConfigError(
+            "heads.analysis.original_context",
+            None,
+            why + " (i_c depends on it)",
+            hint="set it to the pre-training context",
+        )
+
+
 def prepare(cfg: EvalConfig) -> Prepared:
     """Step 2 of the run: every check that needs no weights (errors as
     :class:`~posheads.errors.ConfigError`)."""
@@ -464,6 +493,7 @@ def _prepare(cfg: EvalConfig) -> Prepared:
             ) from err
     # stage 2: the model's config (no weights)
     config = peek_model_config(cfg.model)
+    _check_original_context(cfg)
     shape, notes = validate_against_model(cfg, config)
     for note in notes:
         if cfg.length_policy == "warn":

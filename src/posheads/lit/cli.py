@@ -479,6 +479,13 @@ def check_config(config: Namespace, parser: Any = None) -> dict[str, Any]:
 
     with user_input(extra=(ModelLoadError,)):
         sections = validate_config(config)
+        model = config.get("model") or {}
+        for name in ("target_length", "original_length"):
+            value = model.get(name)
+            if value is None and name == "original_length":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+                raise ConfigError(f"model.{name}", value, "must be an int >= 2")
         trainer = config.get("trainer") or {}
         max_steps = trainer.get("max_steps") if hasattr(trainer, "get") else None
         if sections["optim"].total_steps is None and max_steps == 0:
