@@ -481,3 +481,28 @@ def test_sweep_shape_counts_rotary_pairs_and_refuses_a_sweep_wide_critical_pair_
     shape = ModelShape.from_config(build("gemma3_text").config)
     with pytest.raises(ValueError, match="per-layer-type RoPE"):
         resolve_critical_pair("critical", shape)
+
+
+@pytest.mark.parametrize("method", ["dynamic", "longrope"])
+def test_description_at_the_analysed_length_has_the_models_own_frequencies(method):
+    """Length-dependent scalings: the collector's description (used by the RoPE-geometry null) carries the
+    frequencies the model rotates with at the analysed length, not those of the original context."""
+    from posheads.rope.layout import rope_at_length
+
+    model = build("llama", fresh=True)
+    extra = {}
+    if method == "longrope":
+        extra = dict(short_factor=[1.0] * 8, long_factor=[1.0 + 0.5 * i for i in range(8)])
+    apply_rope_scaling_to_model(
+        model, RopeScaling(method=method, factor=4.0, original_max_position_embeddings=64, **extra)
+    )
+    rope = model_rope(model)
+    for length in (32, 200):
+        at = rope_at_length(model, rope, length)
+        inv, _ = model_inverse_frequencies(model, length)
+        torch.testing.assert_close(
+            torch.tensor(at[0].inv_freq, dtype=torch.float64), inv.double(), rtol=1e-5, atol=0
+        )
+    assert rope_at_length(model, rope, 200)[0].inv_freq != rope[0].inv_freq  # the long length differs
+    collector = collector_for_model(model, num_bins_for(200), seq_len=200)
+    assert collector.layout[0].inv_freq == rope_at_length(model, rope, 200)[0].inv_freq

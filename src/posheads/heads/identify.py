@@ -407,6 +407,7 @@ def collector_for_config(
     return collector_for_model(
         model,
         cfg.num_bins or num_bins_for(length),
+        seq_len=length,
         rows_per_sequence=cfg.rows_per_sequence,
         keys_per_bin=cfg.keys_per_bin,
         temperature=cfg.temperature,

@@ -982,14 +982,16 @@ class PairStatsCollector:
 def collector_for_model(model: nn.Module, num_bins: int, **kwargs: Any) -> PairStatsCollector:
     """A :class:`PairStatsCollector` shaped after ``model``: layers and heads from its config, the pairs of
     every layer from its verified RoPE description (:func:`posheads.rope.layout.model_rope`). ``layout``
-    ``"auto"`` (default) uses the description; ``"half"`` / ``"interleaved"`` must agree with it."""
+    ``"auto"`` (default) uses the description; ``"half"`` / ``"interleaved"`` must agree with it. ``seq_len``
+    (the analysed length) gives the description the frequencies the model uses at that length (dynamic NTK,
+    LongRoPE), which the RoPE-geometry null rotates with."""
     from posheads.heads.capture import attention_modules
-    from posheads.rope.layout import model_rope
+    from posheads.rope.layout import model_rope, rope_at_length
 
     modules = attention_modules(model)
     first = next(iter(modules.values()))
     cfg = first.config
-    rope = model_rope(model)
+    rope = rope_at_length(model, model_rope(model), kwargs.pop("seq_len", None))
     layout = kwargs.pop("layout", "auto")
     if layout not in (None, "auto") and (not isinstance(layout, str) or rope.layouts() != {layout}):
         raise ValueError(

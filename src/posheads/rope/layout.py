@@ -50,6 +50,7 @@ __all__ = [
     "ModelRope",
     "describe_rope",
     "model_rope",
+    "rope_at_length",
     "verify_rope",
 ]
 
@@ -245,8 +246,11 @@ def _layer_parameters(cfg: Any, layer_type: str | None) -> dict[str, Any]:
     return dict(rp)
 
 
-def _inv_freq(cfg: Any, params: Mapping[str, Any], layer_type: str | None, rotary_dim: int) -> torch.Tensor:
-    """``[P]`` float64 frequencies within the original context, as Transformers' rotary module computes them."""
+def _inv_freq(
+    cfg: Any, params: Mapping[str, Any], layer_type: str | None, rotary_dim: int, seq_len: int | None = None
+) -> torch.Tensor:
+    """``[P]`` float64 frequencies as Transformers' rotary module computes them for a sequence of ``seq_len``
+    tokens (``None``: within the original context)."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -260,8 +264,31 @@ def _inv_freq(cfg: Any, params: Mapping[str, Any], layer_type: str | None, rotar
         )
     nested = bool(layer_type is not None and isinstance((cfg.rope_parameters or {}).get(layer_type), Mapping))
     kwargs = {"layer_type": layer_type} if nested else {}
-    inv, _ = ROPE_INIT_FUNCTIONS[rope_type](cfg, None, seq_len=None, **kwargs)
+    length: Any = None
+    if seq_len is not None and rope_type == "dynamic" and seq_len > int(cfg.max_position_embeddings):
+        length = torch.tensor(seq_len)  # the model grows the base only beyond max_position_embeddings
+    elif seq_len is not None and rope_type == "longrope":
+        length = int(seq_len)  # long factors beyond the original context
+    inv, _ = ROPE_INIT_FUNCTIONS[rope_type](cfg, None, seq_len=length, **kwargs)
     return inv.detach().double().cpu()
+
+
+def rope_at_length(model_or_config: Any, rope: ModelRope, seq_len: int | None) -> ModelRope:
+    """``rope`` with every layer's frequencies as the model uses them on a sequence of ``seq_len`` tokens from
+    position 0: dynamic NTK grows its base beyond ``max_position_embeddings`` and LongRoPE switches to its
+    long factors beyond the original context; every other scaling is static (returned unchanged)."""
+    cfg = _text_config(model_or_config)
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    if seq_len is None or not rp:
+        return rope
+    layers = []
+    for layer in rope.layers:
+        params = _layer_parameters(cfg, layer.layer_type)
+        if params.get("rope_type", params.get("type")) in ("dynamic", "longrope"):
+            inv = _inv_freq(cfg, params, layer.layer_type, layer.rotary_dim, seq_len)
+            layer = replace(layer, inv_freq=tuple(float(x) for x in inv))
+        layers.append(layer)
+    return replace(rope, layers=tuple(layers))
 
 
 def describe_rope(model_or_config: Any) -> ModelRope:
@@ -454,7 +481,8 @@ def verify_rope(
     """Check ``rope`` (default :func:`describe_rope` of ``model``) on ``model`` with the position-shift test.
 
     Runs the decoder twice on ``length`` seeded random tokens (positions ``0..`` and ``shift..``; default shift
-    ``min(max_position_embeddings - length - 1, 2048)``) with the posheads capture wrapper and checks every
+    ``min(L - length - 1, 2048)``, ``L`` the smaller of ``max_position_embeddings`` and the original context,
+    where every scaling rotates with fixed frequencies) with the posheads capture wrapper and checks every
     layer (module docstring). Tolerance: 1e-3 relative in float32/float64, 5e-2 in 16-bit dtypes. Also checks
     that every attention layer goes through the attention interface, that the captured head width is the
     declared one and that the soft-cap the model passes is the declared one. Returns the description marked
@@ -471,6 +499,12 @@ def verify_rope(
     max_pos = int(
         getattr(cfg, "max_position_embeddings", 0) or getattr(cfg, "n_positions", 0) or 2 * length + 2
     )
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    top = {"original_max_position_embeddings": getattr(cfg, "original_max_position_embeddings", None)}
+    for params in [top, rp, *(v for v in rp.values() if isinstance(v, Mapping))]:
+        original = params.get("original_max_position_embeddings")
+        if original:  # stay within the original context: LongRoPE switches factors beyond it
+            max_pos = min(max_pos, int(original))
     s = shift if shift is not None else max(1, min(max_pos - length - 1, 2048))
     vocab = int(getattr(cfg, "vocab_size", 0) or 2)
     gen = torch.Generator().manual_seed(1234)
