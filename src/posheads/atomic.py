@@ -39,11 +39,12 @@ def _fsync_dir(directory: Path) -> None:
 
 @contextlib.contextmanager
 def atomic_open(
-    path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8"
+    path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None
 ) -> Iterator[IO[Any]]:
     """``with atomic_open(path) as fh: fh.write(...)``: ``path`` is replaced only when the block completes.
 
-    ``mode`` is ``"w"`` (text, ``encoding``) or ``"wb"``. The parent directory must exist."""
+    ``mode`` is ``"w"`` (text, ``encoding``, ``newline`` as for :func:`open`) or ``"wb"``. The parent directory
+    must exist."""
     if mode not in ("w", "wb"):
         raise ValueError(f"mode={mode!r} must be 'w' or 'wb'")
     target = Path(path)
@@ -55,7 +56,10 @@ def atomic_open(
         except OSError:
             perms = default_mode()
         os.fchmod(fd, perms)
-        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as fh:
+        text = "b" not in mode
+        with os.fdopen(
+            fd, mode, encoding=encoding if text else None, newline=newline if text else None
+        ) as fh:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())

@@ -30,6 +30,7 @@ from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from posheads.atomic import atomic_write_text
 from posheads.callbacks.efficiency import efficiency_report
 from posheads.callbacks.probe import ProbePassResult, ProbeSet, run_probe_pass, select_probe
 from posheads.heads import (
@@ -669,9 +670,7 @@ class PositionalHeadTracker(Callback):
             return
         self._dir.mkdir(parents=True, exist_ok=True)
         timeline = self.timeline
-        tmp = self._dir / (TIMELINE_FILE + ".tmp")
-        tmp.write_text(json.dumps(timeline, indent=1, allow_nan=False))
-        tmp.replace(self._dir / TIMELINE_FILE)
+        atomic_write_text(self._dir / TIMELINE_FILE, json.dumps(timeline, indent=1, allow_nan=False))
         if plot and self.plots and self._evaluations:
             from posheads.callbacks.plots import plot_timeline
 

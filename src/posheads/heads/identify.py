@@ -277,7 +277,10 @@ class HeadAnalysis:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"csv": out / "heads.csv", "json": out / "analysis.json", "stats": out / "stats.pt"}
         rows = self.table()
-        with paths["csv"].open("w", newline="") as fh:
+        from posheads.atomic import atomic_open, atomic_write_text
+
+        # atomic: an interrupted or failed write leaves the previous file, never a cut-off table
+        with atomic_open(paths["csv"], "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
@@ -287,13 +290,14 @@ class HeadAnalysis:
             [_floats(self.hda[layer, head]) for head in range(self.num_heads)]
             for layer in range(self.num_layers)
         ]
-        paths["json"].write_text(json.dumps(payload, indent=1, allow_nan=False, default=str))
+        atomic_write_text(paths["json"], json.dumps(payload, indent=1, allow_nan=False, default=str))
         saved = {"stats": self.stats.state_dict(), "config": self.config.to_dict(), "meta": self.meta}
         if self.sink_stats is not None:
             saved["sink_stats"] = self.sink_stats.state_dict()
         if self.geometry_stats is not None:
             saved["geometry_stats"] = self.geometry_stats.state_dict()
-        torch.save(saved, paths["stats"])
+        with atomic_open(paths["stats"], "wb") as fh:
+            torch.save(saved, fh)
         if plots:
             from posheads.heads.plots import save_all_plots
 

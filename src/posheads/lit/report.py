@@ -27,6 +27,7 @@ from typing import Any, cast
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from posheads.atomic import atomic_write_text
 from posheads.lit.metrics import NLLSum
 from posheads.rope import RopeScaling, apply_rope_scaling_to_model
 
@@ -162,8 +163,9 @@ class PerplexityReport(Callback):
         self.text = format_report(self.rows, protocol)
         print("\n" + "=" * 30 + " perplexity report " + "=" * 30 + "\n" + self.text + "\n", flush=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "report.json").write_text(
-            json.dumps({"rows": self.rows, "protocol": protocol}, indent=2, default=str) + "\n"
+        atomic_write_text(
+            self.run_dir / "report.json",
+            json.dumps({"rows": self.rows, "protocol": protocol}, indent=2, default=str) + "\n",
         )
         metrics = {}
         for row in self.rows:
