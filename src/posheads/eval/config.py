@@ -647,7 +647,12 @@ class EvalConfig:
             raise ValueError(
                 f"sweep.conditions {needs} need the Positional Heads: add 'heads' to tasks or set heads.from_results"
             )
-        if self.sweep.uses_mean and self.evaluates and "heads" not in self.tasks and not self.heads.from_results:
+        if (
+            self.sweep.uses_mean
+            and self.evaluates
+            and "heads" not in self.tasks
+            and not self.heads.from_results
+        ):
             raise ValueError(
                 "mean ablation (sweep.ablation='mean' or a ':mean' condition) needs the head means of the "
                 "probe set: add 'heads' to tasks (or read the heads with heads.from_results: the means are "
