@@ -361,3 +361,20 @@ def test_end_to_end_tiny(tmp_path, capsys):
 def test_point_names():
     assert Point("yarn", 2).name == "yarn_x2" and Point("none").name == "none"
     assert Point("as_loaded").name == "as_loaded"
+
+
+def test_a_failing_point_does_not_lose_the_others(tmp_path, monkeypatch):
+    import posheads.eval.study2 as s2
+
+    real = s2._measure_point
+
+    def flaky(cfg, point, *args, **kwargs):
+        if point.name == "ntk_x2":
+            raise RuntimeError("boom")
+        return real(cfg, point, *args, **kwargs)
+
+    monkeypatch.setattr(s2, "_measure_point", flaky)
+    cfg = load_config(STUDY2 / "ci_tiny_training_free.yaml", {"output_dir": str(tmp_path)})
+    with pytest.raises(RuntimeError, match=r"1 point\(s\) failed: \{'ntk_x2': 'RuntimeError: boom'\}"):
+        s2.run_study(cfg, only=["none", "ntk_x2", "yarn_x2"], log=lambda _: None)
+    assert (tmp_path / "yarn_x2" / "results.json").is_file() and not (tmp_path / "ntk_x2").exists()

@@ -203,6 +203,29 @@ def table_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def compact_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """One short row per run for a report: HDA extension / area per variant (n = heads), PPL per bucket
+    (n = documents), passkey correct/trials per length and mean answer log-prob at the longest length."""
+    out = []
+    for r in result["runs"]:
+        row: dict[str, Any] = {"run": r["run"], "setting": r["setting"]}
+        for v, h in sorted(r["hda"].items()):
+            row[f"HDA ext. [{v}] (n={h['area']['n']})"] = _fmt_ci(h["extension_bin"], digits=1)
+            row[f"HDA area [{v}]"] = _fmt_ci(h["area"], digits=2)
+        for b in r["perplexity"]:
+            row[f"PPL {b['bucket']} (n docs)"] = (
+                f"{b['ppl']:.1f} [{b['ppl_lo']:.1f}, {b['ppl_hi']:.1f}] ({b['documents']})"
+            )
+        if r["passkey"]:
+            row["passkey " + "/".join(str(p["length"]) for p in r["passkey"])] = " · ".join(
+                f"{p['correct']}/{p['trials']}" for p in r["passkey"]
+            )
+            last = r["passkey"][-1]
+            row[f"answer log-prob @{last['length']}"] = _fmt_ci(last["logprob"], digits=1)
+        out.append(row)
+    return out
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     cols = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -312,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     result = compare(collect_runs(args.paths), include_baseline=args.include_baseline, seed=args.seed)
     rows = table_rows(result)
-    md = markdown(rows)
+    md = markdown(compact_rows(result))
     print(md)
     for line in correlation_lines(result):
         print(line)
