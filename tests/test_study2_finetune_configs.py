@@ -97,7 +97,7 @@ def _tiny(path: Path, run_dir: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "name", ["finetune_smollm2_ntk_16k_lora.yaml", "finetune_smollm2_yarn_16k_full.yaml"]
+    "name", ["finetune_smollm2_longrope_16k_lora.yaml", "finetune_smollm2_yarn_16k_full.yaml"]
 )
 def test_finetune_config_runs_on_the_tiny_model_and_is_measured(name, monkeypatch, tmp_path, capsys):
     from posheads.eval.study2 import main as measure
