@@ -506,3 +506,28 @@ def test_description_at_the_analysed_length_has_the_models_own_frequencies(metho
     assert rope_at_length(model, rope, 200)[0].inv_freq != rope[0].inv_freq  # the long length differs
     collector = collector_for_model(model, num_bins_for(200), seq_len=200)
     assert collector.layout[0].inv_freq == rope_at_length(model, rope, 200)[0].inv_freq
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_the_shift_check_in_bfloat16_passes_the_truth_and_catches_a_wrong_layout_or_width(name):
+    """Checkpoints are usually bf16: the model's own rotation is then off by a few % at large positions
+    (Cohere: ~6 %), a wrong layout or rotary width by order 1."""
+    model = build(name, fresh=True).to(torch.bfloat16)
+    rope = verify_rope(model)
+    assert rope.max_error < 0.1
+    other = "interleaved" if rope[0].layout == "half" else "half"
+    with pytest.raises(ValueError, match="fails the position-shift check"):
+        verify_rope(model, replace(rope, layers=tuple(replace(la, layout=other) for la in rope.layers)))
+    full = rope[0].head_dim
+    if rope[0].rotary_dim < full:
+        wide = [
+            replace(
+                la,
+                rotary_dim=full,
+                offset=0,
+                inv_freq=tuple(la.rope_theta ** (-2 * i / full) for i in range(full // 2)),
+            )
+            for la in rope.layers
+        ]
+        with pytest.raises(ValueError, match="fails the position-shift check"):
+            verify_rope(model, replace(rope, layers=tuple(wide)))
