@@ -175,6 +175,34 @@ def test_train_model_without_rope(tmp_path, no_weights, capsys):
     _refused(_train_main, argv, capsys, "model.lm.name_or_path", "rotary")
 
 
+def test_train_tracking_head_table_from_another_model(tmp_path, no_weights, capsys):
+    identity = {"model": "smollm2", "model_type": "llama", "num_layers": 30, "num_heads": 9, "head_dim": 64}
+    table = _table(tmp_path / "heads.csv", identity)
+    tracker = {
+        "class_path": "posheads.callbacks.PositionalHeadTracker",
+        "init_args": {"head_table": str(table)},
+    }
+    argv = _train(tmp_path, **{"trainer.callbacks": [tracker]})
+    _refused(
+        _train_main,
+        argv,
+        capsys,
+        "trainer.callbacks[0].init_args.head_table",
+        "num_layers: table 30 vs model 2",
+    )
+
+
+def test_train_tracking_head_table_out_of_range(tmp_path, no_weights, capsys):
+    table = tmp_path / "heads.csv"
+    table.write_text("layer,head,score,z,positional\n9,0,0.9,2.0,True\n")  # no identity: the shape decides
+    tracker = {
+        "class_path": "posheads.callbacks.PositionalHeadTracker",
+        "init_args": {"head_table": str(table)},
+    }
+    argv = _train(tmp_path, **{"trainer.callbacks": [tracker]})
+    _refused(_train_main, argv, capsys, "trainer.callbacks[0].init_args.head_table", "layer 9")
+
+
 def _resolved_config(argv: list[str]) -> str:
     from posheads.lit.cli import PosheadsCLI, _dump
 

@@ -83,6 +83,7 @@ def check_identity(
     table: dict[str, Any] | None,
     model: dict[str, Any],
     allow_other_model: bool = False,
+    hint: str | None = None,
 ) -> list[str]:
     """Refuse a head table identified on another model. Returns the keys that differ (empty when they match or
     the table records no identity); with ``allow_other_model`` a difference is only logged (and returned, for
@@ -103,7 +104,8 @@ def check_identity(
             option,
             path,
             f"the head table was identified on another model ({pairs})",
-            hint="identify the heads on this model (tasks: [heads]), or set heads.allow_other_model=true to use "
+            hint=hint
+            or "identify the heads on this model (tasks: [heads]), or set heads.allow_other_model=true to use "
             "the table anyway (recorded in the protocol)",
         )
     if differ:

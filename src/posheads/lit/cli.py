@@ -452,6 +452,7 @@ def _check_model(config: Namespace, sections: dict[str, Any]) -> None:
                 hint=f"set model.target_length >= {original}, or model.rope.method=none to fine-tune at a "
                 "shorter length",
             )
+    _check_tracking_tables(config, lm, hf_config)
     if lm.lora is not None:
         try:
             names = module_names(hf_config)
@@ -469,6 +470,44 @@ def _check_model(config: Namespace, sections: dict[str, Any]) -> None:
                     f"{missing} are not modules of {lm.describe()}",
                     hint=f"its projection modules are {linear}",
                 )
+
+
+def _check_tracking_tables(config: Namespace, lm: Any, hf_config: Any) -> None:
+    """A ``PositionalHeadTracker(head_table=...)`` reads a head table: it must be readable and identified on
+    this model (:mod:`posheads.eval.headtable`)."""
+    from posheads.eval.headtable import check_identity, model_identity, read_identity
+    from posheads.eval.sweep import ModelShape, positional_heads, read_head_table, validate_heads
+
+    trainer = config.get("trainer") or {}
+    callbacks = trainer.get("callbacks") if hasattr(trainer, "get") else None
+    if not isinstance(callbacks, list):
+        return
+    identity = None
+    for i, cb in enumerate(callbacks):
+        if not str(getattr(cb, "class_path", "") or "").endswith("PositionalHeadTracker"):
+            continue
+        args = getattr(cb, "init_args", None)
+        table = args.get("head_table") if args is not None and hasattr(args, "get") else None
+        if not table:
+            continue
+        option = f"trainer.callbacks[{i}].init_args.head_table"
+        try:
+            rows = read_head_table(table)
+            recorded = read_identity(table)
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(
+                option, table, f"cannot be read as a head table ({type(err).__name__}: {err})"
+            ) from err
+        identity = identity or model_identity(lm, hf_config)
+        check_identity(
+            option,
+            table,
+            recorded,
+            identity,
+            hint="identify the heads on this model (evaluate.py with tasks: [heads]) and track that heads.csv",
+        )
+        heads = [[layer, head] for layer, head in positional_heads(rows)]
+        validate_heads(heads, ModelShape.from_config(hf_config), option=option)
 
 
 def check_config(config: Namespace, parser: Any = None) -> dict[str, Any]:
