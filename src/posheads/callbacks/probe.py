@@ -208,9 +208,10 @@ def run_probe_pass(
                 rows = sample_query_rows(valid, cfg.rows_per_sequence, seeds)  # [b, R]
             else:  # padding forward: every rank runs the same number of forwards; it collects nothing
                 ids = probe.input_ids[:1].to(device)  # [1, L]
+                valid = torch.ones(1, length, dtype=torch.bool)
                 rows = torch.full((1, 1), -1, dtype=torch.long)  # no query row
                 seeds = [cfg.seed]
-            collector.plan = RowPlan(rows=rows, seed=seeds[0])
+            collector.plan = RowPlan(rows=rows, seed=seeds[0], valid=valid)  # prepared now: sync-free pass
             logits = forward(ids, compute_nll and j < len(mine))
             if compute_nll and j < len(mine):
                 if logits is None:

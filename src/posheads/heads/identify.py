@@ -484,8 +484,13 @@ def identify_positional_heads(
                 )
                 valid = torch.ones_like(ids, dtype=torch.bool) if am is None else am.bool()
                 seeds = [cfg.seed * 1_000_003 + start + j for j in range(ids.shape[0])]
+                host_valid = (
+                    valid.cpu()
+                )  # the plan is prepared on the host before the forward (sync-free pass)
                 collector.plan = RowPlan(
-                    sample_query_rows(valid.cpu(), cfg.rows_per_sequence, seeds), seed=seeds[0]
+                    sample_query_rows(host_valid, cfg.rows_per_sequence, seeds),
+                    seed=seeds[0],
+                    valid=host_valid,
                 )
                 decoder(input_ids=ids, attention_mask=am)
     finally:

@@ -49,9 +49,19 @@ Horvitz-Thompson weights for the deterministic mixture (see :meth:`PairStatsColl
 every sum -- unweighted and attention-weighted -- is an unbiased estimate. The cost per layer is then
 ``O(rows x heads x log L x C x d/2)`` for the per-pair work, independent of ``L`` but for the logit rows.
 The work runs in chunks of bounded size (never an ``L x L x d/2`` tensor), batched over heads, bins and rows,
-reduces with one batched matrix product per quantity, and builds the histograms with ``bincount``. Sums are
+reduces with one batched matrix product per quantity, and builds the histograms with ``index_add_`` into
+fixed-size buffers. Sums are
 float32 within one layer's chunks and float64 across layers, batches and processes; the soft pair is
 accumulated centred (``S - (P-1)/2``) for a well-conditioned variance.
+
+**No host synchronisation in the layers.** A plan given with its padding mask (``RowPlan(rows, seed, valid)``,
+as :func:`posheads.heads.identify_positional_heads` and the tracker's probe pass do) is prepared when it is
+assigned, before the forward: row order, per-sequence selections, every layer's null permutation, key-sampling
+draws and geometry-null shuffles are drawn on the host with the same generators and moved to the device once.
+The per-layer work then only launches kernels -- no ``.item()``, ``.tolist()``, ``nonzero`` or data-dependent
+shapes, no Python branching on tensor values (``tests/test_heads_stats_sync.py`` runs the layers under a guard
+that raises on any of them, and ``torch.cuda.set_sync_debug_mode("error")`` on a GPU); the sums are bit for bit
+those of a plan prepared inside the layers.
 
 **Pairs and content.** Where the RoPE pairs of each layer are (layout, rotary width, MLA offset) comes from
 the verified description of :mod:`posheads.rope.layout` (``layout=`` a :class:`~posheads.rope.layout.ModelRope`):
@@ -76,7 +86,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from posheads.heads.capture import AttentionCall, to_half_layout
+from posheads.heads.capture import PAIR_LAYOUTS, AttentionCall, to_half_layout
 
 __all__ = [
     "DIST_TERMS",
@@ -113,9 +123,11 @@ def bin_edges(num_bins: int) -> list[tuple[int, int]]:
     return [(0, 1)] + [(1 << (b - 1), 1 << b) for b in range(1, num_bins)]
 
 
-def distance_bin(delta: torch.Tensor, num_bins: int) -> torch.Tensor:
-    """Bin index of integer distances: 0 for 0, ``floor(log2 delta) + 1`` otherwise, clamped to the last bin."""
-    edges = torch.tensor([1 << b for b in range(num_bins - 1)], device=delta.device, dtype=delta.dtype)
+def distance_bin(delta: torch.Tensor, num_bins: int, edges: torch.Tensor | None = None) -> torch.Tensor:
+    """Bin index of integer distances: 0 for 0, ``floor(log2 delta) + 1`` otherwise, clamped to the last bin.
+    ``edges``: the bin edges ``[1, 2, 4, ...]`` already on ``delta``'s device (no host-to-device copy)."""
+    if edges is None:
+        edges = torch.tensor([1 << b for b in range(num_bins - 1)], device=delta.device, dtype=delta.dtype)
     return torch.bucketize(delta.contiguous(), edges, right=True).clamp_(max=num_bins - 1)
 
 
@@ -327,12 +339,21 @@ class RowPlan:
     Attributes:
         rows: ``[B, R]`` query positions (indices along the sequence), -1 for none.
         seed: seeds the permuted-position null and the key sampling.
+        valid: optional host ``[B, L]`` boolean padding mask of the forward's tokens (True = token). Given it,
+            the collector builds everything that depends only on the plan -- row order, per-batch selections,
+            the null permutations, the key-sampling draws and the geometry null's key permutations of every
+            layer -- when the plan is assigned, before the forward, so the per-layer work runs without a host
+            synchronisation (:class:`PairStatsCollector`); the results are the same. Without it they are
+            derived inside each layer from the forward's mask (which may then also restrict keys beyond
+            causality and padding, e.g. a sliding window; a prepared plan assumes causal + padding).
     """
 
     rows: torch.Tensor
     seed: int
+    valid: torch.Tensor | None = None
     done_layers: set[int] = field(default_factory=set)
     _null: dict[int, Any] = field(default_factory=dict, repr=False)
+    _prep: Any = field(default=None, repr=False)
 
     def null_map(self, layer: int) -> dict[tuple[int, int], torch.Tensor]:
         """``{(batch, position): LongTensor [Lmax]}``: the permuted distance ``delta'`` of each distance
@@ -360,6 +381,31 @@ class _Rows:
     null_delta: torch.Tensor  # [N, Lmax] long: permuted distance delta' (valid entries only)
     sink_a: torch.Tensor  # [H, N, S] attention probability of key position n = 0 .. S-1 (0 if not attendable)
     sink_valid: torch.Tensor  # [N, S] float: 1 where key position n = 0 .. S-1 is attendable from the row
+    pos_list: list[int] = field(default_factory=list)  # pos on the host
+    prep: Any = None  # the plan's _Prepared (device constants, key-sampling draws) or None
+
+
+@dataclass
+class _Prepared:
+    """What the per-layer work needs that depends only on the plan, built on the host when the plan is assigned
+    (before the forward) and moved to the device once: no host synchronisation is left in the layers."""
+
+    b_idx: torch.Tensor  # [N] batch index, device
+    pos: torch.Tensor  # [N] query position (ascending), device
+    b_list: list[int]
+    pos_list: list[int]
+    batches: list[tuple[int, torch.Tensor]]  # (batch element, its rows' indices into N on the device)
+    l_max: int
+    n_rows: float
+    nulls: dict[int, torch.Tensor]  # layer -> [N, Lmax] permuted distances, device
+    draws: dict[int, list[torch.Tensor]]  # layer -> the key sampling's uniform draws, in order of use, device
+    shuffles: dict[
+        int, list[tuple[torch.Tensor, torch.Tensor]]
+    ]  # layer -> per batch (target, source), device
+    lo: torch.Tensor  # [nb] device
+    hi: torch.Tensor  # [nb] device
+    present_bins: torch.Tensor  # [nb] device
+    edges: torch.Tensor  # distance bin edges, device
 
 
 @dataclass
@@ -490,7 +536,9 @@ class PairStatsCollector:
         #: sums of the RoPE-geometry null (key content shuffled over positions, re-rotated); ``None`` if off
         self.geometry_stats: PairStats | None = self._zeros(num_layers, device) if geometry_null else None
         self.rope_inv_freq = rope_inv_freq
-        self.plan: RowPlan | None = None
+        self._plan: RowPlan | None = None
+        self._orders: dict[int, torch.Tensor | None] = {}  # layer -> pair order on the device
+        self._inv_freq: dict[int, torch.Tensor] = {}  # layer -> float64 RoPE frequencies on the device
         self._auto_forwards = 0
         self._auto = False
         self.seconds = 0.0  # wall time spent inside the hook (the statistics pass's own cost)
@@ -511,6 +559,132 @@ class PairStatsCollector:
         return out
 
     # ---- plan handling
+    @property
+    def plan(self) -> RowPlan | None:
+        """The rows of the next forward; a plan with ``valid`` is prepared at assignment (see :class:`RowPlan`)."""
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: RowPlan | None) -> None:
+        if plan is not None and plan.valid is not None and plan._prep is None:
+            plan._prep = self._prepare_plan(plan)
+        self._plan = plan
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        device = self.stats.dom.device
+        if device.type == "cuda":  # pinned + non-blocking: no synchronisation
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
+
+    def _pair_order(self, layer: int) -> torch.Tensor | None:
+        """Component order of ``layer`` (pair ``i`` = ``(i, i + P)``; ``None`` = as is), cached on the device."""
+        if layer not in self._orders:
+            order: torch.Tensor | None
+            if isinstance(self.layout, str):
+                d = self.head_dim
+                interleaved = self.layout == "interleaved"
+                order = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)]) if interleaved else None
+            else:
+                order = self.layout[layer].order()
+            self._orders[layer] = None if order is None else self._to_device(order)
+        return self._orders[layer]
+
+    def _layer_inv_freq(self, layer: int) -> torch.Tensor:
+        """The layer's RoPE frequencies (float64, on the device; cached unless given as a callable)."""
+        if callable(self.rope_inv_freq):
+            return torch.as_tensor(self.rope_inv_freq()).to(self.stats.dom.device, torch.float64).flatten()
+        if layer not in self._inv_freq:
+            if self.rope_inv_freq is not None:
+                freq = torch.as_tensor(self.rope_inv_freq)
+            else:
+                freq = torch.tensor(self.layout[layer].inv_freq)
+            self._inv_freq[layer] = self._to_device(freq.to(torch.float64).flatten().cpu())
+        return self._inv_freq[layer]
+
+    def _host_draws(self, layer: int, seed: int, n_rows: int, present: list[tuple[int, int, int]]) -> list:
+        """The uniform draws :meth:`_sampled_blocks` makes for ``layer`` (same generator, same order)."""
+        assert self.keys_per_bin is not None
+        gen = torch.Generator().manual_seed(int(seed) * 1009 + layer + 1)
+        c = self.keys_per_bin
+        c_u, n_bins = (c + 1) // 2, len(present)
+        c_a = c - c_u
+        out = [torch.rand(1, n_rows, n_bins, c_u, generator=gen)]
+        first_large = next((i for i, (_, lo, hi) in enumerate(present) if hi - lo > c_u), n_bins)
+        if first_large < n_bins and c_a > 0:
+            out.append(torch.rand(self.num_heads, n_rows, n_bins - first_large, c_a, generator=gen))
+        return out
+
+    def _host_shuffles(
+        self, layer: int, seed: int, valid: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The geometry null's ``(target, source)`` positions of every sequence for ``layer`` (as
+        :meth:`_geometry_keys` draws them)."""
+        gen = torch.Generator().manual_seed(int(seed) * 15485863 + 3 * layer + 11)
+        positions = torch.arange(valid.shape[1])
+        out = []
+        for b in range(valid.shape[0]):
+            target = (valid[b] & (positions >= self.sink_keys)).nonzero().flatten()
+            out.append((target, target[torch.randperm(target.numel(), generator=gen)]))
+        return out
+
+    def _prepare_plan(self, plan: RowPlan) -> _Prepared:
+        """Everything of ``plan`` the layers need (host work, one transfer per tensor), before the forward."""
+        assert plan.valid is not None
+        rows, valid = plan.rows.cpu(), plan.valid.cpu().bool()
+        if valid.dim() != 2 or valid.shape[0] != rows.shape[0]:
+            raise ValueError(f"plan.valid has shape {tuple(valid.shape)}, plan.rows {tuple(rows.shape)}")
+        b_idx, r_idx = (rows >= 0).nonzero(as_tuple=True)
+        pos = rows[b_idx, r_idx]
+        if pos.numel() and int(pos.max()) >= valid.shape[1]:
+            raise ValueError(
+                f"plan.rows contains position {int(pos.max())} >= sequence length {valid.shape[1]}"
+            )
+        order = torch.argsort(pos, stable=True)
+        b_idx, pos = b_idx[order], pos[order]  # [N] sorted by position
+        l_max = int(pos.max()) + 1 if pos.numel() else 1
+        n_of = pos[:, None] - torch.arange(l_max)[None, :]  # [N, Lmax]
+        valid_delta = (n_of >= 0) & valid[b_idx[:, None], n_of.clamp(min=0)]  # causal + padding
+        if pos.numel() and not bool(valid_delta[:, 0].all()):
+            raise ValueError("plan.rows contains a padding position (a query that cannot attend to itself)")
+        present = self._bins_present(l_max)
+        nulls: dict[int, torch.Tensor] = {}
+        draws: dict[int, list[torch.Tensor]] = {}
+        shuffles: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for layer in range(self.stats.num_layers):
+            self._pair_order(layer)
+            if not pos.numel():
+                continue
+            nulls[layer] = self._to_device(self._null_deltas(plan, layer, valid_delta, b_idx))
+            if self.keys_per_bin is not None:
+                draws[layer] = [
+                    self._to_device(u) for u in self._host_draws(layer, plan.seed, len(pos), present)
+                ]
+            if self.geometry_stats is not None:
+                self._layer_inv_freq(layer)
+                shuffles[layer] = [
+                    (self._to_device(t), self._to_device(s))
+                    for t, s in self._host_shuffles(layer, plan.seed, valid)
+                ]
+        batches = [
+            (b, self._to_device((b_idx == b).nonzero().flatten())) for b in torch.unique(b_idx).tolist()
+        ]
+        return _Prepared(
+            b_idx=self._to_device(b_idx),
+            pos=self._to_device(pos),
+            b_list=b_idx.tolist(),
+            pos_list=pos.tolist(),
+            batches=batches,
+            l_max=l_max,
+            n_rows=float(pos.numel()),
+            nulls=nulls,
+            draws=draws,
+            shuffles=shuffles,
+            lo=self._to_device(torch.tensor([p[1] for p in present], dtype=torch.long)),
+            hi=self._to_device(torch.tensor([p[2] for p in present], dtype=torch.long)),
+            present_bins=self._to_device(torch.tensor([p[0] for p in present], dtype=torch.long)),
+            edges=self._to_device(torch.tensor([1 << b for b in range(self.num_bins - 1)], dtype=torch.long)),
+        )
+
     def _plan_for(self, call: AttentionCall) -> RowPlan | None:
         plan = self.plan
         if plan is None or (self._auto and call.layer_idx in plan.done_layers):
@@ -556,7 +730,7 @@ class PairStatsCollector:
                     sums.add_to(self.geometry_stats, layer)
                     self._add_sink_mass(self.geometry_stats, layer, rows_null)
         if not plan.done_layers:
-            count = float((plan.rows >= 0).sum())
+            count = plan._prep.n_rows if plan._prep is not None else float((plan.rows >= 0).sum())
             self.stats.rows += count  # (sink_stats.rows stays 0: stats + sink_stats)
             if self.geometry_stats is not None:
                 self.geometry_stats.rows += count
@@ -579,11 +753,8 @@ class PairStatsCollector:
         ``i`` (pass-through components move unrotated). Sink keys and padding keep their keys; positions are
         ``0 .. L-1`` (no ``position_ids``). ``k`` is in pair order (:meth:`_to_pairs`).
         """
-        if self.rope_inv_freq is not None:
-            freq = self.rope_inv_freq() if callable(self.rope_inv_freq) else self.rope_inv_freq
-        else:
-            freq = torch.tensor(self.layout[call.layer_idx].inv_freq)
-        inv_freq = torch.as_tensor(freq).to(k.device, torch.float64).flatten()
+        prep: _Prepared | None = plan._prep
+        inv_freq = self._layer_inv_freq(call.layer_idx).to(k.device)
         if inv_freq.numel() != self.num_pairs:
             raise ValueError(
                 f"layer {call.layer_idx}: the RoPE-geometry null needs one frequency per pair, got "
@@ -596,8 +767,11 @@ class PairStatsCollector:
         out = k.clone()
         p_dim = self.num_pairs
         for b in range(bsz):
-            target = (valid[b] & (positions >= self.sink_keys)).nonzero().flatten()  # n
-            source = target[torch.randperm(target.numel(), generator=gen).to(k.device)]  # s(n)
+            if prep is not None:  # drawn before the forward
+                target, source = prep.shuffles[call.layer_idx][b]
+            else:
+                target = (valid[b] & (positions >= self.sink_keys)).nonzero().flatten()  # n
+                source = target[torch.randperm(target.numel(), generator=gen).to(k.device)]  # s(n)
             angle = (target - source).double()[:, None] * inv_freq[None, :]  # [n, P]
             cos, sin = angle.cos(), angle.sin()
             x = k[b][:, source].double()  # [Hkv, n, d]: pairs (i, i + P), then pass-through components
@@ -616,17 +790,27 @@ class PairStatsCollector:
             raise ValueError(
                 f"layer {call.layer_idx} has {n_heads} heads, the collector expects {self.num_heads}"
             )
-        rows = plan.rows.to(device)
-        if rows.shape[0] != bsz:
-            raise ValueError(f"plan.rows has batch {rows.shape[0]}, the forward has batch {bsz}")
-        b_idx, r_idx = (rows >= 0).nonzero(as_tuple=True)
-        if b_idx.numel() == 0:
-            return None
-        pos = rows[b_idx, r_idx]
-        if int(pos.max()) >= seq:
-            raise ValueError(f"plan.rows contains position {int(pos.max())} >= sequence length {seq}")
-        order = torch.argsort(pos, stable=True)
-        b_idx, pos = b_idx[order], pos[order]  # [N] sorted by position
+        if plan.rows.shape[0] != bsz:
+            raise ValueError(f"plan.rows has batch {plan.rows.shape[0]}, the forward has batch {bsz}")
+        prep: _Prepared | None = plan._prep
+        if prep is not None:  # built before the forward: no host synchronisation below
+            if not prep.pos_list:
+                return None
+            if prep.l_max > seq:
+                raise ValueError(f"plan.rows contains position {prep.l_max - 1} >= sequence length {seq}")
+            b_idx, pos, l_max, batches = prep.b_idx, prep.pos, prep.l_max, prep.batches
+        else:
+            rows = plan.rows.to(device)
+            b_idx, r_idx = (rows >= 0).nonzero(as_tuple=True)
+            if b_idx.numel() == 0:
+                return None
+            pos = rows[b_idx, r_idx]
+            if int(pos.max()) >= seq:
+                raise ValueError(f"plan.rows contains position {int(pos.max())} >= sequence length {seq}")
+            order = torch.argsort(pos, stable=True)
+            b_idx, pos = b_idx[order], pos[order]  # [N] sorted by position
+            l_max = int(pos.max()) + 1
+            batches = [(b, (b_idx == b).nonzero().flatten()) for b in torch.unique(b_idx).tolist()]
         n_rows = pos.numel()
         if call.sinks is not None:
             raise ValueError(
@@ -638,20 +822,17 @@ class PairStatsCollector:
         groups = n_heads // n_kv
         q_rows = q[b_idx, :, pos].float().transpose(0, 1).contiguous()  # [N, H, d] -> [H, N, d]
         row_allowed = call.allowed_rows(b_idx, pos)  # [N, L]
-        l_max = int(pos.max()) + 1
         deltas = torch.arange(l_max, device=device)
         n_of = pos[:, None] - deltas[None, :]  # [N, Lmax] key position at distance delta
         n_idx = n_of.clamp(min=0)
         valid_delta = (n_of >= 0) & row_allowed.gather(1, n_idx)  # [N, Lmax]
-        if not bool(valid_delta[:, 0].all()):
+        if prep is None and not bool(valid_delta[:, 0].all()):  # (a prepared plan was checked on the host)
             raise ValueError("plan.rows contains a padding position (a query that cannot attend to itself)")
         # full logit rows -> exact attention probabilities a(m, n), one batch element at a time; the logits are
         # gathered into distance order first (a permutation of each row), masked, then normalised
         q_scaled = q_rows * call.scaling
-        batches = torch.unique(b_idx).tolist()
         a_delta = None if len(batches) == 1 else torch.empty(n_heads, n_rows, l_max, device=device)
-        for b in batches:
-            sel = (b_idx == b).nonzero().flatten()
+        for b, sel in batches:
             qb = q_scaled[:, sel].reshape(n_kv, groups * sel.numel(), -1)  # [Hkv, G*Nb, d]
             logits = torch.bmm(qb, k[b, :, :l_max].float().transpose(1, 2))  # [Hkv, G*Nb, Lmax] (n-space)
             logits = call.cap(logits.view(n_heads, sel.numel(), l_max))  # soft-cap (Gemma 2)
@@ -665,8 +846,13 @@ class PairStatsCollector:
         assert a_delta is not None
         # the null permutes the distances of every valid pair, sink pairs included (one draw serves the
         # statistics with and without sinks; restricted to the non-sink pairs it is still independent of them)
-        null_delta = self._null_deltas(plan, call.layer_idx, valid_delta, b_idx)
-        plan._null[call.layer_idx] = (null_delta, (b_idx.tolist(), pos.tolist()))
+        if prep is not None:
+            null_delta = prep.nulls[call.layer_idx]
+            b_list, pos_list = prep.b_list, prep.pos_list
+        else:
+            null_delta = self._null_deltas(plan, call.layer_idx, valid_delta, b_idx)
+            b_list, pos_list = b_idx.tolist(), pos.tolist()
+        plan._null[call.layer_idx] = (null_delta, (b_list, pos_list))
         s = self.sink_positions
         sink_delta = pos[:, None] - torch.arange(s, device=device)[None, :]  # [N, S] distance of key n
         sink_ok = (sink_delta >= 0) & (sink_delta < l_max)
@@ -676,7 +862,18 @@ class PairStatsCollector:
         if self.sink_keys:  # the sink pairs leave every statistic of `stats` (they go to `sink_stats`)
             valid_delta = valid_delta & (n_of >= self.sink_keys)
             a_delta = a_delta * valid_delta
-        return _Rows(b_idx, pos, q_rows, a_delta, valid_delta.float(), null_delta, sink_a, sink_ok.float())
+        return _Rows(
+            b_idx,
+            pos,
+            q_rows,
+            a_delta,
+            valid_delta.float(),
+            null_delta,
+            sink_a,
+            sink_ok.float(),
+            pos_list,
+            prep,
+        )
 
     @staticmethod
     def _null_deltas(
@@ -710,13 +907,16 @@ class PairStatsCollector:
                 raise ValueError(
                     f"layer {layer} has q/k heads of width {x.shape[-1]}, expected {self.head_dim}"
                 )
-            return to_half_layout(x, self.layout)
-        rope = self.layout[layer]
-        if x.shape[-1] != rope.head_dim:
-            raise ValueError(
-                f"layer {layer} has q/k heads of width {x.shape[-1]}, its RoPE description says {rope.head_dim}"
-            )
-        return to_half_layout(x, rope)
+            if self.layout not in PAIR_LAYOUTS:
+                return to_half_layout(x, self.layout)  # raises naming the layout
+        else:
+            rope = self.layout[layer]
+            if x.shape[-1] != rope.head_dim:
+                raise ValueError(
+                    f"layer {layer} has q/k heads of width {x.shape[-1]}, its RoPE description says {rope.head_dim}"
+                )
+        order = self._pair_order(layer)  # to_half_layout's order, cached on the device
+        return x if order is None else x.index_select(-1, order)
 
     # ---- the layer's statistics
     @staticmethod
@@ -732,8 +932,21 @@ class PairStatsCollector:
         if self.keys_per_bin is None:
             blocks = self._exact_blocks(rows)
         else:
-            gen = torch.Generator().manual_seed(int(plan.seed) * 1009 + layer + 1)
-            blocks = self._sampled_blocks(rows, self.keys_per_bin, gen)
+            prep: _Prepared | None = rows.prep
+            draw: Callable[[tuple[int, ...]], torch.Tensor]
+            if prep is not None:  # the draws made before the forward, in the same order
+                drawn = iter(prep.draws[layer])
+
+                def draw(shape: tuple[int, ...]) -> torch.Tensor:
+                    return next(drawn)
+            else:
+                gen = torch.Generator().manual_seed(int(plan.seed) * 1009 + layer + 1)
+                device = k_flat.device
+
+                def draw(shape: tuple[int, ...]) -> torch.Tensor:
+                    return torch.rand(*shape, generator=gen).to(device)
+
+            blocks = self._sampled_blocks(rows, self.keys_per_bin, draw)
         for block in blocks:
             self._block(sums, rows, k_flat, seq, block)
 
@@ -754,8 +967,11 @@ class PairStatsCollector:
         s = self.sink_keys
         present = self._bins_present(l_max)
         delta = (rows.pos[:, None] - torch.arange(s, device=device)[None, :]).clamp(min=0)  # [N, s]
-        bins = torch.tensor([b for b, _, _ in present], device=device).view(-1, 1, 1)
-        here = (distance_bin(delta, self.num_bins).unsqueeze(0) == bins).float()  # [nb, N, s]
+        if rows.prep is not None:
+            bins, edges = rows.prep.present_bins.view(-1, 1, 1), rows.prep.edges
+        else:
+            bins, edges = torch.tensor([b for b, _, _ in present], device=device).view(-1, 1, 1), None
+        here = (distance_bin(delta, self.num_bins, edges).unsqueeze(0) == bins).float()  # [nb, N, s]
         here = here * rows.sink_valid[:, :s]  # attendable sink keys only
         return _Block(
             delta=delta.expand(1, len(present), -1, -1),
@@ -781,7 +997,9 @@ class PairStatsCollector:
             )
         return blocks
 
-    def _sampled_blocks(self, rows: _Rows, c: int, gen: torch.Generator) -> list[_Block]:
+    def _sampled_blocks(
+        self, rows: _Rows, c: int, draw: Callable[[tuple[int, ...]], torch.Tensor]
+    ) -> list[_Block]:
         """Keys stratified by distance bin, ``c`` per (head, row, bin), as two rectangular blocks.
 
         Deterministic-mixture importance sampling. Block U (shared by the heads) has ``c_u = ceil(c/2)`` slots
@@ -800,8 +1018,11 @@ class PairStatsCollector:
         device = rows.valid_delta.device
         present = self._bins_present(l_max)
         n_bins = len(present)
-        lo = torch.tensor([p[1] for p in present], device=device)
-        hi = torch.tensor([p[2] for p in present], device=device)
+        if rows.prep is not None:
+            lo, hi = rows.prep.lo, rows.prep.hi
+        else:
+            lo = torch.tensor([p[1] for p in present], device=device)
+            hi = torch.tensor([p[2] for p in present], device=device)
         size = hi - lo
         c_u = (c + 1) // 2
         c_a = c - c_u
@@ -837,7 +1058,7 @@ class PairStatsCollector:
             return v_at * inv, a_at * inv
 
         # block U: exact enumeration of the small bins, uniform draws in the others
-        drawn = self._draw_range(cum_v, base_v, n_b, lo, hi, slice(None), c_u, gen)  # [1, nb, N, c_u]
+        drawn = self._draw_range(cum_v, base_v, n_b, lo, hi, slice(None), c_u, draw)  # [1, nb, N, c_u]
         j = torch.arange(c_u, device=device)
         exact_slot = (j.view(1, -1) < size.view(-1, 1)) & exact_bin.view(-1, 1)  # [nb, c_u]
         enumerated = (lo.view(-1, 1) + j.view(1, -1)).clamp(max=l_max - 1)  # [nb, c_u]
@@ -846,10 +1067,10 @@ class PairStatsCollector:
         keep = (exact_slot | ~exact_bin.view(-1, 1)).view(1, n_bins, 1, c_u)  # padding slots of small bins: 0
         blocks = [_Block(delta=delta_u, w_u=w_u * keep, w_a=w_a * keep, first_bin=present[0][0])]
         # block A: attention draws in the bins larger than c_u
-        first_large = int((~exact_bin).nonzero()[0]) if bool((~exact_bin).any()) else n_bins
+        first_large = next((i for i, (_, b_lo, b_hi) in enumerate(present) if b_hi - b_lo > c_u), n_bins)
         if first_large < n_bins and c_a > 0:
             sel = slice(first_large, None)
-            drawn = self._draw_range(cum_a, base_a, a_b, lo, hi, sel, c_a, gen)  # [H, nbA, N, c_a]
+            drawn = self._draw_range(cum_a, base_a, a_b, lo, hi, sel, c_a, draw)  # [H, nbA, N, c_a]
             w_u, w_a = weights(drawn, None)
             void = (a_b[..., sel] > 0).permute(0, 2, 1).unsqueeze(-1)  # attention draws need attention mass
             blocks.append(
@@ -866,14 +1087,14 @@ class PairStatsCollector:
         hi: torch.Tensor,
         sel: slice,
         count: int,
-        gen: torch.Generator,
+        draw: Callable[[tuple[int, ...]], torch.Tensor],
     ) -> torch.Tensor:
         """Systematic inverse-CDF samples for the bins ``sel`` -> distances ``[X, nb_sel, N, count]``."""
         x_dim, n_rows, _ = cum.shape
         device = cum.device
         base, total, lo, hi = base[..., sel], total[..., sel], lo[sel], hi[sel]
         nb = lo.numel()
-        u = torch.rand(x_dim, n_rows, nb, count, generator=gen).to(device)
+        u = draw((x_dim, n_rows, nb, count))  # uniform [0, 1)
         strata = (torch.arange(count, device=device, dtype=torch.float32) + u) / count  # in [0, 1)
         targets = (base.unsqueeze(-1) + strata * total.unsqueeze(-1)).view(x_dim, n_rows, -1)
         found = torch.searchsorted(cum, targets, right=True).view(x_dim, n_rows, nb, count)  # first cum > t
@@ -885,7 +1106,7 @@ class PairStatsCollector:
         x_dim, nb, n_rows, c = block.delta.shape
         per_row = self.num_heads * nb * c * self.num_pairs
         chunk = max(1, self.chunk_elements // per_row)
-        pos_cpu = rows.pos.tolist()
+        pos_cpu = rows.pos_list  # host positions: no synchronisation
         edges = bin_edges(self.num_bins)
         r_start = bisect.bisect_left(pos_cpu, edges[block.first_bin][0])  # rows with no key in the block
         for r0 in range(r_start, n_rows, chunk):
@@ -971,12 +1192,17 @@ class PairStatsCollector:
         bins_true = torch.arange(b0, b1, device=device).view(1, nb, 1, 1)
         dom4 = dom.view(shape)
         idx_true = ((head * n_bins + bins_true) * p_dim + dom4).flatten()
-        idx_null = ((head * n_bins + distance_bin(dnull_l, n_bins)) * p_dim + dom4).flatten()
+        idx_null = (
+            (head * n_bins + distance_bin(dnull_l, n_bins, None if rows.prep is None else rows.prep.edges))
+            * p_dim
+            + dom4
+        ).flatten()
         size = h_all * n_bins * p_dim
         for w_index, w in ((UNWEIGHTED, wu), (WEIGHTED, wa)):
             flat_w = w.expand(shape).reshape(-1)
-            sums.dom[w_index] += torch.bincount(idx_true, flat_w, minlength=size)
-            sums.dom_null[w_index] += torch.bincount(idx_null, flat_w, minlength=size)
+            # fixed-size histograms (= bincount, bit for bit on CPU) without bincount's synchronisation
+            sums.dom[w_index] += flat_w.new_zeros(size).index_add_(0, idx_true, flat_w)
+            sums.dom_null[w_index] += flat_w.new_zeros(size).index_add_(0, idx_null, flat_w)
 
 
 def collector_for_model(model: nn.Module, num_bins: int, **kwargs: Any) -> PairStatsCollector:
