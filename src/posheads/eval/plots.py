@@ -95,10 +95,12 @@ def plot_perplexity(results: Mapping[str, Any], path: str | os.PathLike) -> Path
     has_iv = bool((results.get("perplexity_intervals") or {}).get("lengths"))
     fig, axes = plt.subplots(1, 2 if has_iv else 1, figsize=(13 if has_iv else 7, 5), squeeze=False)
     level = (results.get("perplexity_intervals") or {}).get("level", 0.95)
-    for family, members in condition_families(results).items():
-        members = [m for m in members if m in ppl]
-        if not members:
-            continue
+    families = [(f, [m for m in ms if m in ppl]) for f, ms in condition_families(results).items()]
+    families = [(f, ms) for f, ms in families if ms]
+    cmap = plt.get_cmap("tab20")
+    for index, (family, members) in enumerate(families):
+        # one colour and marker per family, the same in both panels (tab20 x 3 markers: 60 families)
+        style: dict[str, Any] = {"color": cmap(index % 20), "marker": "osD"[(index // 20) % 3]}
         for ax, delta in zip(axes[0], (False, True)):
             label = family if len(members) == 1 else f"{family} (mean of {len(members)})"
             series = _interval_series(results, family, members, delta) if has_iv else {}
@@ -108,9 +110,9 @@ def plot_perplexity(results: Mapping[str, Any], path: str | os.PathLike) -> Path
                 lo = [series[x][0] - series[x][1] for x in xs]
                 hi = [series[x][2] - series[x][0] for x in xs]
                 if len(members) == 1:
-                    ax.errorbar(xs, ys, yerr=[lo, hi], marker="o", ms=3, capsize=3, label=label)
+                    ax.errorbar(xs, ys, yerr=[lo, hi], ms=3, capsize=3, label=label, **style)
                 else:
-                    (line,) = ax.plot(xs, ys, marker="o", ms=3, label=label + ", band: its interval")
+                    (line,) = ax.plot(xs, ys, ms=3, label=label + ", band: its interval", **style)
                     ax.fill_between(
                         xs,
                         [series[x][1] for x in xs],
@@ -123,13 +125,11 @@ def plot_perplexity(results: Mapping[str, Any], path: str | os.PathLike) -> Path
                 continue
             lengths = sorted(set().union(*(ppl[m] for m in members)))
             if len(members) == 1:
-                ax.plot(
-                    lengths, [ppl[members[0]].get(L, math.nan) for L in lengths], marker="o", label=family
-                )
+                ax.plot(lengths, [ppl[members[0]].get(L, math.nan) for L in lengths], label=family, **style)
                 continue
             per_len = [[ppl[m][L] for m in members if L in ppl[m]] for L in lengths]
             mean = [sum(v) / len(v) if v else math.nan for v in per_len]
-            (line,) = ax.plot(lengths, mean, marker="o", label=f"{label}, band min-max")
+            (line,) = ax.plot(lengths, mean, label=f"{label}, band min-max", **style)
             ax.fill_between(
                 lengths,
                 [min(v) for v in per_len],
