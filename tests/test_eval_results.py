@@ -116,7 +116,9 @@ def test_plots_and_summary(tmp_path):
     assert "12.000" in line and "24.000" in line
     acc = next(
         ln
-        for ln in text.splitlines()[text.splitlines().index("passkey accuracy (mean over depths [95% Wilson interval]; trials)") :]
+        for ln in text.splitlines()[
+            text.splitlines().index("passkey accuracy (mean over depths [95% Wilson interval]; trials)") :
+        ]
         if ln.startswith("none")
     )
     assert "0.50 [0.30, 0.70] (20)" in acc  # Wilson 95 % for 10 / 20
