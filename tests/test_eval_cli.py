@@ -263,6 +263,9 @@ def test_ci_config_end_to_end(tmp_path):
     trials = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
     greedy_trials = [t for t in trials if t.get("section") != "retrieval"]
     assert len(greedy_trials) == len(names) * (4 + 2)
+    lc = on_disk["perplexity_lc"]
+    assert {r["condition"] for r in lc} == set(names) and all(r["length"] == 128 for r in lc)
+    assert len({r["tokens_lc"] for r in lc}) == 1 and 0 < lc[0]["tokens_lc"] < lc[0]["tokens"]
     # the suite: 6 depth tasks x 1 depth + cwe x 1 difficulty, 1 trial each, every condition
     suite = on_disk["retrieval"]
     assert len(suite) == len(names) * 7

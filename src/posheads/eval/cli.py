@@ -213,7 +213,7 @@ def _task_lengths(cfg: EvalConfig) -> dict[str, list[int]]:
     out: dict[str, list[int]] = {}
     if "heads" in cfg.tasks:
         out["heads.length"] = [cfg.heads.length]
-    for task in ("perplexity", "passkey", "needle", "retrieval"):
+    for task in ("perplexity", "perplexity_lc", "passkey", "needle", "retrieval"):
         if task in cfg.tasks:
             out[f"{task}.lengths"] = list(getattr(cfg, task).lengths)
     return out
@@ -268,6 +268,7 @@ def split_documents(
         names = recorded_probes(cfg.heads.from_results)
         reads_corpus = (
             "perplexity" in cfg.tasks
+            or "perplexity_lc" in cfg.tasks
             or ("needle" in cfg.tasks and cfg.needle.haystack is None)
             or ("retrieval" in cfg.tasks and cfg.retrieval.needs_haystack and cfg.retrieval.haystack is None)
         )
@@ -307,6 +308,13 @@ def _check_documents(cfg: EvalConfig, docs: Sequence[TokenizedDocument]) -> None
             raise ValueError(
                 f"perplexity.lengths {short}: no document of {where} has that many tokens (the longest of "
                 f"{len(docs)} has {longest}); use shorter lengths or a corpus of longer documents"
+            )
+    if "perplexity_lc" in cfg.tasks:
+        short = [L for L in cfg.perplexity_lc.lengths if longest < L]
+        if short:
+            raise ValueError(
+                f"perplexity_lc.lengths {short}: no document of {where} has that many tokens (the longest of "
+                f"{len(docs)} has {longest})"
             )
 
 
@@ -515,7 +523,7 @@ def _prepare(cfg: EvalConfig) -> Prepared:
     docs: list[TokenizedDocument] = []
     probe_docs: list[TokenizedDocument] = []
     if (
-        {"heads", "perplexity"}.intersection(cfg.tasks)
+        {"heads", "perplexity", "perplexity_lc"}.intersection(cfg.tasks)
         or ("needle" in cfg.tasks and cfg.needle.haystack is None)
         or ("retrieval" in cfg.tasks and cfg.retrieval.needs_haystack and cfg.retrieval.haystack is None)
     ):
@@ -872,6 +880,10 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                 perplexity_intervals(results.data, n_boot=p.n_boot, seed=p.bootstrap_seed, level=p.level),
             )
             timings["perplexity"] = round(time.time() - t_task, 1)
+        if "perplexity_lc" in cfg.tasks:
+            t_task = time.time()
+            _run_long_context(cfg, model, prep, runner, conditions, results)
+            timings["perplexity_lc"] = round(time.time() - t_task, 1)
         for task in ("passkey", "needle"):
             if task in cfg.tasks:
                 t_task = time.time()
@@ -942,6 +954,38 @@ def _run_retrieval(
                 progress=progress,
                 ranks=ranks,
             )
+
+
+def _run_long_context(
+    cfg: EvalConfig,
+    model: Any,
+    prep: Prepared,
+    runner: ConditionRunner,
+    conditions: Sequence[Condition],
+    results: ResultsFile,
+) -> None:
+    """Long-context-sensitive perplexity per length (token selection on the unablated model, then every
+    condition still missing from results.json)."""
+    from posheads.eval.longctx import evaluate_long_context_perplexity
+
+    s = cfg.perplexity_lc
+    for length in s.lengths:
+        todo = [c for c in conditions if not results.has("perplexity_lc", condition=c.name, length=length)]
+        if not todo:
+            continue
+        evaluate_long_context_perplexity(
+            model,
+            prep.documents,
+            length,
+            short=s.short,
+            threshold=s.threshold,
+            max_documents=s.max_documents,
+            min_document_tokens=max(s.lengths) if s.same_documents else None,
+            runner=runner,
+            conditions=todo,
+            on_row=lambda row: results.append("perplexity_lc", row.to_dict()),
+            progress=cfg.progress,
+        )
 
 
 def _templates() -> dict[str, Any]:

@@ -30,13 +30,14 @@ __all__ = [
     "NeedleSettings",
     "OutputSettings",
     "PasskeySettings",
+    "LongContextSettings",
     "PerplexitySettings",
     "RetrievalSettings",
     "SweepSettings",
     "WandbSettings",
 ]
 
-TASKS = ("heads", "perplexity", "passkey", "needle", "retrieval")
+TASKS = ("heads", "perplexity", "perplexity_lc", "passkey", "needle", "retrieval")
 LENGTH_POLICIES = ("warn", "error", "allow")
 ABLATIONS = ("zero", "mean")
 
@@ -265,6 +266,39 @@ class NeedleSettings:
         _optional_positive("needle.haystack_documents", self.haystack_documents)
         if isinstance(self.haystack, dict):
             self.haystack = CorpusConfig(**self.haystack)
+
+
+@dataclass
+class LongContextSettings:
+    """Long-context-sensitive perplexity (task ``perplexity_lc``, :mod:`posheads.eval.longctx`): the NLL over the
+    tokens whose log-probability gains more than ``threshold`` nats from the whole window over a short context,
+    the tokens chosen once on the unablated model; reported next to the plain NLL of the same windows.
+
+    Attributes:
+        lengths: window lengths (one window per document: its first ``length`` tokens).
+        short: the short context (even): windows of ``short`` tokens with stride ``short / 2``.
+        threshold: the gain (nats) above which a token counts as long-context sensitive.
+        max_documents: documents per length (the first ones long enough; held-out documents only).
+        same_documents: every length on the documents long enough for the longest one.
+    """
+
+    lengths: list[int] = field(default_factory=lambda: [2048])
+    short: int = 256
+    threshold: float = 2.0
+    max_documents: int | None = 4
+    same_documents: bool = True
+
+    def __post_init__(self) -> None:
+        self.lengths = _positive_ints("perplexity_lc.lengths", self.lengths)
+        if not isinstance(self.short, int) or self.short < 2 or self.short % 2:
+            raise ValueError(f"perplexity_lc.short={self.short!r} must be an even integer >= 2")
+        if self.short >= min(self.lengths):
+            raise ValueError(
+                f"perplexity_lc.short={self.short} must be below the shortest length {min(self.lengths)}"
+            )
+        if not math.isfinite(float(self.threshold)):
+            raise ValueError(f"perplexity_lc.threshold={self.threshold!r} must be a finite number")
+        _optional_positive("perplexity_lc.max_documents", self.max_documents)
 
 
 @dataclass
@@ -596,6 +630,7 @@ class EvalConfig:
     passkey: PasskeySettings = field(default_factory=PasskeySettings)
     needle: NeedleSettings = field(default_factory=NeedleSettings)
     retrieval: RetrievalSettings = field(default_factory=RetrievalSettings)
+    perplexity_lc: LongContextSettings = field(default_factory=LongContextSettings)
     heads: IdentifySettings = field(default_factory=IdentifySettings)
     sweep: SweepSettings = field(default_factory=SweepSettings)
     output: OutputSettings = field(default_factory=OutputSettings)
@@ -613,6 +648,7 @@ class EvalConfig:
             ("passkey", PasskeySettings),
             ("needle", NeedleSettings),
             ("retrieval", RetrievalSettings),
+            ("perplexity_lc", LongContextSettings),
             ("heads", IdentifySettings),
             ("sweep", SweepSettings),
             ("output", OutputSettings),
@@ -674,14 +710,14 @@ class EvalConfig:
     @property
     def evaluates(self) -> bool:
         """Whether any evaluation task (not only identification) runs."""
-        return any(t in self.tasks for t in ("perplexity", "passkey", "needle", "retrieval"))
+        return any(t in self.tasks for t in ("perplexity", "perplexity_lc", "passkey", "needle", "retrieval"))
 
     def max_length(self) -> int:
         """The longest input any selected task feeds the model."""
         lengths = [0]
         if "heads" in self.tasks:
             lengths.append(self.heads.length)
-        for task in ("perplexity", "passkey", "needle", "retrieval"):
+        for task in ("perplexity", "perplexity_lc", "passkey", "needle", "retrieval"):
             if task in self.tasks:
                 lengths.extend(getattr(self, task).lengths)
         return max(lengths)

@@ -413,6 +413,20 @@ def summary_tables(results: Mapping[str, Any]) -> str:
             f"{task} accuracy (mean over depths [95% Wilson interval]; trials)\n"
             + _table(["condition"] + [str(L) for L in lengths], body)
         )
+    lc = results.get("perplexity_lc", [])
+    if lc:
+        body = [
+            [r["condition"], str(r["length"]), f"{r['ppl']:.3f}",
+             "-" if r.get("ppl_lc") is None else f"{r['ppl_lc']:.3f}", str(r["tokens_lc"]),
+             str(r["tokens"]), f"{r['fraction']:.3f}"]
+            for r in sorted(lc, key=lambda r: (r["length"], order.index(r["condition"]) if r["condition"] in order else 99))
+        ]  # fmt: skip
+        r0 = lc[0]
+        parts.append(
+            f"Long-context-sensitive perplexity (gain over a {r0['short']}-token context > {r0['threshold']:g} nats, "
+            "tokens chosen on the unablated model)\n"
+            + _table(["condition", "length", "PPL", "PPL lc", "lc tokens", "tokens", "fraction"], body)
+        )
     suite = results.get("retrieval", [])
     if suite:
         parts.append(suite_table(suite, order))

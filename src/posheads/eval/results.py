@@ -11,6 +11,8 @@ Keys (all always present):
 * ``conditions`` -- what each ablation condition ablates (``[{name, kind, family, seed, side, n_heads, heads}]``).
 * ``perplexity`` -- ``[{condition, length, nll, ppl, tokens, documents, windows}]``.
 * ``passkey`` / ``needle`` -- ``[{condition, length, depth, accuracy, trials, correct}]``.
+* ``perplexity_lc`` -- long-context-sensitive perplexity: ``[{condition, length, nll_lc, ppl_lc, tokens_lc, nll,
+  ppl, tokens, fraction, windows, documents, short, threshold}]`` (:mod:`posheads.eval.longctx`).
 * ``retrieval`` -- the teacher-forced suite: ``[{task, condition, length, depth, difficulty, trials, correct,
   accuracy, accuracy_ci, logprob, logprob_ci, token_logprob, mean_rank, items, items_correct, item_accuracy,
   item_accuracy_ci, scoring}]`` (:func:`posheads.eval.retrieval.suite_row`).
@@ -43,13 +45,14 @@ log = logging.getLogger("posheads.eval")
 
 __all__ = ["ROW_KEYS", "SECTIONS", "ResultsFile", "load_results", "package_versions"]
 
-SECTIONS = ("perplexity", "passkey", "needle", "retrieval")
+SECTIONS = ("perplexity", "perplexity_lc", "passkey", "needle", "retrieval")
 #: Keys that identify a row of each section (a resumed run skips rows whose key exists).
 ROW_KEYS: dict[str, tuple[str, ...]] = {
     "perplexity": ("condition", "length"),
     "passkey": ("condition", "length", "depth"),
     "needle": ("condition", "length", "depth"),
     "retrieval": ("task", "condition", "length", "depth", "difficulty"),
+    "perplexity_lc": ("condition", "length"),
 }
 
 
@@ -109,6 +112,7 @@ class ResultsFile:
             "passkey": [],
             "needle": [],
             "retrieval": [],
+            "perplexity_lc": [],
             "status": "running",
         }
         self._trial_keys: set[tuple[Any, ...]] = set()

@@ -1,0 +1,196 @@
+"""Long-context-sensitive perplexity: the NLL of the tokens whose prediction depends on long context.
+
+Plain perplexity averages over every token, and most tokens of a document are predictable from the last few
+hundred (the idea of LongPPL, Fang et al. 2024, "What is Wrong with Perplexity for Long-context Language
+Modeling?", arXiv 2410.23771; implemented here from its definition). For a window of ``L`` tokens:
+
+1. **Selection, once, on the unablated model.** Every token ``t`` gets its log-probability with the whole
+   window before it (``lp_long(t)``) and with a short context (``lp_short(t)``): windows of ``short`` tokens
+   with stride ``short / 2``, each token read in the window where it has between ``short / 2`` and
+   ``short`` tokens of context (tokens in the first ``short`` of the window keep their long context: their
+   gain is 0). A token is *long-context sensitive* when its gain ``lp_long(t) - lp_short(t) > threshold``
+   (nats). The selected positions are recorded (count, fraction, threshold, short context).
+2. **Scoring, per condition.** The NLL over the selected tokens only (token-weighted), from one forward over
+   the window per group of conditions (rows = conditions, layers before the first ablated one shared when the
+   runner has a prefix), next to the plain NLL of the same windows.
+
+Pure torch; no Lightning, no W&B.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from posheads.data import TokenizedDocument
+from posheads.eval.conditions import NONE, Condition, ConditionRunner
+from posheads.eval.perplexity import NLL_CHUNK, perplexity_windows
+
+__all__ = [
+    "LongContextRow",
+    "evaluate_long_context_perplexity",
+    "select_long_context_tokens",
+    "short_context_logprobs",
+    "token_logprobs",
+]
+
+
+def token_logprobs(model: Any, input_ids: torch.Tensor, chunk: int = NLL_CHUNK) -> torch.Tensor:
+    """``log p(x_t | x_<t)`` for ``t = 1 .. L-1`` of every row of ``input_ids`` (``[B, L]``).
+    Returns float64 ``[B, L-1]`` (position ``j`` is token ``j + 1``)."""
+    head = model.get_output_embeddings()
+    capped = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+    if head is None or capped:  # the full forward (its logits post-processing included)
+        hidden, head = model(input_ids=input_ids, use_cache=False).logits, None  # [B, L, V]
+    else:  # the decoder once, the output projection chunk by chunk (never L x V logits at once)
+        hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state  # [B, L, D]
+    out = torch.empty(input_ids.shape[0], input_ids.shape[1] - 1, dtype=torch.float64)
+    for s in range(0, input_ids.shape[1] - 1, chunk):
+        part = hidden[:, s : s + chunk]
+        logits = part if head is None else head(part)  # [B, k, V]
+        lp = torch.log_softmax(logits.float(), dim=-1)  # [B, k, V]
+        tgt = input_ids[:, s + 1 : s + 1 + chunk]  # [B, k]
+        out[:, s : s + tgt.shape[1]] = (
+            lp[:, : tgt.shape[1]].gather(-1, tgt[..., None]).squeeze(-1).double().cpu()
+        )
+    return out
+
+
+def short_context_logprobs(model: Any, ids: torch.Tensor, short: int) -> torch.Tensor:
+    """``log p(x_t | a short context)`` for ``t = 1 .. L-1`` of a 1-D ``ids`` (``[L]``): windows of ``short``
+    tokens starting every ``short // 2``; token ``t`` is read in the window where it has between
+    ``short // 2`` and ``short - 1`` tokens before it (tokens ``t < short``: window 0, their whole context).
+    Returns float64 ``[L-1]``."""
+    if short < 2 or short % 2:
+        raise ValueError(f"short={short!r} must be an even number >= 2")
+    ids = ids.reshape(-1)
+    n = ids.numel()
+    half = short // 2
+    out = torch.full((n - 1,), math.nan, dtype=torch.float64)
+    start = 0
+    while True:
+        window = ids[start : start + short]
+        if window.numel() < 2:
+            break
+        lp = token_logprobs(model, window[None])[0]  # [w-1]; j -> token start + j + 1
+        lo = 1 if start == 0 else half  # first in-window position read from this window
+        for j in range(lo - 1, lp.numel()):
+            out[start + j] = lp[j]
+        if start + short >= n:
+            break
+        start += half
+    assert not torch.isnan(out).any()
+    return out
+
+
+def select_long_context_tokens(
+    long_lp: torch.Tensor, short_lp: torch.Tensor, threshold: float, offset: int = 1
+) -> torch.Tensor:
+    """Boolean ``[L-1]`` mask of the long-context-sensitive tokens: ``long - short > threshold`` among
+    the positions ``>= offset`` (token index; position ``j`` is token ``j + 1``)."""
+    gain = long_lp - short_lp
+    mask = gain > threshold
+    mask[: max(0, offset - 1)] = False
+    return mask
+
+
+@dataclass(frozen=True)
+class LongContextRow:
+    """One row of ``results.json["perplexity_lc"]``."""
+
+    condition: str
+    length: int
+    nll_lc: float
+    ppl_lc: float
+    tokens_lc: int
+    nll: float
+    ppl: float
+    tokens: int
+    windows: int
+    documents: int
+    short: int
+    threshold: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__, fraction=self.tokens_lc / self.tokens if self.tokens else math.nan)
+
+
+@torch.inference_mode()
+def evaluate_long_context_perplexity(
+    model: Any,
+    docs: Sequence[TokenizedDocument],
+    length: int,
+    *,
+    short: int = 256,
+    threshold: float = 2.0,
+    max_windows: int | None = None,
+    max_documents: int | None = None,
+    min_document_tokens: int | None = None,
+    runner: ConditionRunner | None = None,
+    conditions: Sequence[Condition] | None = None,
+    on_row: Callable[[LongContextRow], None] | None = None,
+    progress: bool = True,
+) -> list[LongContextRow]:
+    """Plain and long-context-sensitive NLL at ``length`` (one window per document, its first ``length``
+    tokens) under each condition; the token selection is made on the unablated model (``model`` outside any
+    ablation) and is the same for every condition."""
+    if not 2 <= short < length or short % 2:
+        raise ValueError(f"short={short!r} must be an even number in [2, length={length})")
+    runner = runner or ConditionRunner(model, [NONE])
+    pairs = perplexity_windows(
+        docs,
+        length,
+        max_windows_per_doc=1,
+        max_windows=max_windows,
+        max_documents=max_documents,
+        min_document_tokens=min_document_tokens,
+    )
+    device = next(model.parameters()).device
+    masks = []
+    for doc, w in tqdm(pairs, desc=f"lc-ppl select L={length}", disable=not progress, leave=False):
+        ids = doc.ids[w.start : w.end].to(device)
+        long_lp = token_logprobs(model, ids[None])[0]
+        masks.append(
+            select_long_context_tokens(long_lp, short_context_logprobs(model, ids, short), threshold)
+        )
+    selected = int(sum(int(m.sum()) for m in masks))
+    total = sum(m.numel() for m in masks)
+    rows: list[LongContextRow] = []
+    for group in runner.groups(length, conditions):
+        lc = torch.zeros(len(group), dtype=torch.float64)
+        plain = torch.zeros(len(group), dtype=torch.float64)
+        for (doc, w), mask in zip(pairs, masks):
+            ids = doc.ids[w.start : w.end].to(device)
+
+            def fn(n: int, ids: torch.Tensor = ids) -> torch.Tensor:
+                return token_logprobs(model, ids.expand(n, -1))  # [n, L-1]
+
+            lp = torch.stack(runner.call(group, fn))  # [G, L-1]
+            plain -= lp.sum(1)
+            lc -= (lp * mask).sum(1)
+        for i, cond in enumerate(group):
+            nll_lc = float(lc[i] / selected) if selected else math.nan
+            nll = float(plain[i] / total)
+            row = LongContextRow(
+                cond.name,
+                length,
+                nll_lc,
+                math.exp(nll_lc) if selected else math.nan,
+                selected,
+                nll,
+                math.exp(nll),
+                total,
+                len(pairs),
+                len({d.name for d, _ in pairs}),
+                short,
+                float(threshold),
+            )
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+    return rows
