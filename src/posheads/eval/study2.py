@@ -502,12 +502,12 @@ def assemble_window(
         block: list[int] = []
         mine = [k for k in keys if k["length"] == ql]
         offsets = []
-        for k in mine:
+        for key in mine:
             q = _enc(
                 tokenizer,
-                f"\nWhat is the pass key for the {k['label']} door? The pass key for the {k['label']} door is",
+                f"\nWhat is the pass key for the {key['label']} door? The pass key for the {key['label']} door is",
             )
-            a = _enc(tokenizer, " " + k["answer"])
+            a = _enc(tokenizer, " " + key["answer"])
             offsets.append((len(block) + len(q), len(a)))
             block += q + a
         gap = ql - len(ids) - len(block)
@@ -518,8 +518,8 @@ def assemble_window(
             )
         fill(gap)
         base = len(ids)
-        for k, (off, n) in zip(mine, offsets):
-            k["answer_start"], k["answer_len"] = base + off, n
+        for key, (off, width) in zip(mine, offsets):
+            key["answer_start"], key["answer_len"] = base + off, width
         ids += block
         inserted.append((base, len(ids)))
     if len(ids) > length:
@@ -585,7 +585,8 @@ def score_keys(
 
 
 def _base_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    wrapped: Any = model  # a causal LM, or a peft wrapper around one
+    base: Any = wrapped.get_base_model() if callable(getattr(wrapped, "get_base_model", None)) else wrapped
     decoder = base.get_decoder() if callable(getattr(base, "get_decoder", None)) else None
     head = base.get_output_embeddings()
     if decoder is None or head is None:
@@ -761,10 +762,15 @@ def run_study(
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model)
     device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    model = model.to(torch.device(device)).eval()  # type: ignore[arg-type]
     l0 = cfg.original_context or original_context_length(model.config)
     num_pairs = rope_head_dim(model.config) // 2
     i_c = critical_pair_for(model.config, cfg.identify.analysis.critical, l0)
+    if not isinstance(i_c, int):
+        raise ValueError(
+            f"study2: {model.config.model_type} has one critical pair per layer type ({i_c}); the HDA summary of "
+            "this study assumes one i_c for the model"
+        )
     docs = load_token_documents(cfg.corpus, tokenizer, cache_dir=cfg.token_cache, progress=False)
     length = cfg.windows.length
 
