@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,58 +25,67 @@ def _bin_labels(analysis: HeadAnalysis) -> list[str]:
     return ["0" if lo == 0 else f"{lo}" for lo, _ in analysis.bin_edges()]
 
 
-def plot_score_heatmap(analysis: HeadAnalysis, path: str | Path) -> Path:
-    """Layer x head heat-map of the ranking value (score, or ``score - null``); Positional Heads outlined."""
+def _head_heatmap(
+    analysis: HeadAnalysis,
+    values: Any,
+    path: str | Path,
+    title: str,
+    *,
+    cmap: str,
+    edge: str,
+    fontsize: int,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> Path:
+    """Layer x head heat-map of ``values`` with the Positional Heads outlined in ``edge``."""
     plt = pyplot()
-    values = analysis.ranking.numpy()
     fig, ax = plt.subplots(figsize=(1.0 + 0.45 * analysis.num_heads, 1.0 + 0.28 * analysis.num_layers))
-    im = ax.imshow(values, aspect="auto", cmap="viridis", origin="lower")
+    im = ax.imshow(values, aspect="auto", cmap=cmap, origin="lower", vmin=vmin, vmax=vmax)
     for layer, head in analysis.positional_heads():
         ax.add_patch(
-            plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=1.5)
+            plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor=edge, linewidth=1.5)
         )
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    what = "score - null" if analysis.config.rank_by == "excess" else "score"
-    ax.set_title(
-        f"{analysis.config.score}: {what}, sink_keys={analysis.config.sink_keys} (red: Positional Heads)",
-        fontsize=9,
-    )
+    ax.set_title(title, fontsize=fontsize)
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_score_heatmap(analysis: HeadAnalysis, path: str | Path) -> Path:
+    """Layer x head heat-map of the ranking value (score, or ``score - null``); Positional Heads outlined."""
+    what = "score - null" if analysis.config.rank_by == "excess" else "score"
+    title = f"{analysis.config.score}: {what}, sink_keys={analysis.config.sink_keys} (red: Positional Heads)"
+    return _head_heatmap(
+        analysis, analysis.ranking.numpy(), path, title, cmap="viridis", edge="red", fontsize=9
+    )
 
 
 def plot_sink_heatmap(analysis: HeadAnalysis, path: str | Path) -> Path:
     """Layer x head heat-map of the attention share on the first key(s) (the sink share); Positional Heads
     outlined."""
-    plt = pyplot()
     assert analysis.sink_share is not None
-    values = analysis.sink_share.numpy()
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * analysis.num_heads, 1.0 + 0.28 * analysis.num_layers))
-    im = ax.imshow(values, aspect="auto", cmap="magma", origin="lower", vmin=0.0, vmax=1.0)
-    for layer, head in analysis.positional_heads():
-        ax.add_patch(
-            plt.Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=1.5)
-        )
-    ax.set_xlabel("head")
-    ax.set_ylabel("layer")
     keys = analysis.stats.sink_positions
     first = "key 0" if keys == 1 else f"keys 0..{keys - 1}"
-    ax.set_title(
+    title = (
         f"attention share on {first} ({int(float(analysis.stats.rows))} query rows; "
-        f"sink_keys={analysis.config.sink_keys}; cyan: Positional Heads)",
-        fontsize=8,
+        f"sink_keys={analysis.config.sink_keys}; cyan: Positional Heads)"
     )
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _head_heatmap(
+        analysis,
+        analysis.sink_share.numpy(),
+        path,
+        title,
+        cmap="magma",
+        edge="cyan",
+        fontsize=8,
+        vmin=0.0,
+        vmax=1.0,
+    )
 
 
 def plot_hda_curves(analysis: HeadAnalysis, path: str | Path) -> Path:
