@@ -1,5 +1,5 @@
 """evaluate.py over two processes (torchrun, gloo on CPU) writes the results.json of one process: the same
-perplexity, passkey and needle rows bit for bit, the same trial records, the same conditions, and the same head
+perplexity, long-context perplexity, passkey, needle and retrieval-suite rows bit for bit, the same trial records, the same conditions, and the same head
 table up to float64 summation order; only rank 0 writes and prints."""
 
 from __future__ import annotations
@@ -65,11 +65,13 @@ def test_two_processes_write_the_single_process_results(tmp_path):
     assert one_res["status"] == two_res["status"] == "complete"
     assert two_res["protocol"]["processes"] == 2 and one_res["protocol"]["processes"] == 1
     assert one_res["conditions"] == two_res["conditions"]
-    for section in ("perplexity", "passkey", "needle"):
+    for section in ("perplexity", "perplexity_lc", "passkey", "needle", "retrieval"):
         assert one_res[section], section
         assert two_res[section] == one_res[section], (
             section
         )  # bit for bit: the same per-item numbers, same order
+    assert two_res["perplexity_lc_intervals"] == one_res["perplexity_lc_intervals"]
+    assert two_res["retrieval_summary"] == one_res["retrieval_summary"] and one_res["retrieval_summary"]["cells"]
     one_trials = (tmp_path / "one" / "trials.jsonl").read_text().splitlines()
     assert (tmp_path / "two" / "trials.jsonl").read_text().splitlines() == one_trials and one_trials
 

@@ -13,6 +13,7 @@ from posheads.eval.conditions import NONE, Condition, ConditionRunner
 from posheads.eval.identify import ablation_apply
 from posheads.eval.longctx import (
     evaluate_long_context_perplexity,
+    long_context_intervals,
     select_long_context_tokens,
     short_context_logprobs,
     token_logprobs,
@@ -96,3 +97,42 @@ def test_rows_per_condition(model, docs):
     assert by["none"].nll_lc == pytest.approx(nll_lc / by["none"].tokens_lc, abs=1e-6)
     assert by["pos"].nll_lc != pytest.approx(by["none"].nll_lc, abs=1e-4)
     assert math.isclose(by["none"].to_dict()["fraction"], by["none"].tokens_lc / by["none"].tokens)
+    # the per-document sums behind the row, and their document bootstrap
+    for r in rows:
+        assert len(r.doc_nll_lc) == len(r.doc_tokens_lc) == len(r.document_names) == 3
+        assert sum(r.doc_tokens_lc) == r.tokens_lc and sum(r.doc_tokens) == r.tokens
+        assert sum(r.doc_nll_lc) / r.tokens_lc == pytest.approx(r.nll_lc, rel=1e-12)
+        assert sum(r.doc_nll) / r.tokens == pytest.approx(r.nll, rel=1e-12)
+    (iv,) = long_context_intervals([r.to_dict() for r in rows], n_boot=500)
+    assert iv["length"] == 128 and iv["n_documents"] == 3
+    for kind, point in (("lc", "nll_lc"), ("plain", "nll")):
+        for name in ("none", "pos"):
+            c = iv[kind]["conditions"][name]
+            assert c["nll"] == pytest.approx(getattr(by[name], point), rel=1e-12)
+            assert c["lo"] <= c["nll"] <= c["hi"]
+        assert "minus_none" not in iv[kind]["conditions"]["none"]
+        d = iv[kind]["conditions"]["pos"]["minus_none"]
+        assert d["value"] == pytest.approx(getattr(by["pos"], point) - getattr(by["none"], point), rel=1e-9)
+        assert d["lo"] <= d["value"] <= d["hi"]
+
+
+def test_long_context_intervals_resample_documents_not_tokens():
+    """Two documents, one with all the loss: the resampled NLL must span both documents' NLLs (a token-level
+    bootstrap would give a tight interval around the pooled value)."""
+    rows = [
+        {
+            "condition": name,
+            "length": 64,
+            "document_names": ["a", "b"],
+            "doc_nll_lc": [s * 10.0, s * 1.0],
+            "doc_tokens_lc": [10, 10],
+            "doc_nll": [s * 10.0, s * 1.0],
+            "doc_tokens": [10, 10],
+        }
+        for name, s in (("none", 1.0), ("pos", 2.0))
+    ]
+    (iv,) = long_context_intervals(rows, n_boot=2000, seed=0)
+    c = iv["lc"]["conditions"]["none"]
+    assert c["nll"] == pytest.approx(0.55) and c["lo"] == pytest.approx(0.1) and c["hi"] == pytest.approx(1.0)
+    d = iv["lc"]["conditions"]["pos"]["minus_none"]  # paired: pos - none = none per document
+    assert d["value"] == pytest.approx(0.55) and d["lo"] == pytest.approx(0.1) and d["hi"] == pytest.approx(1.0)

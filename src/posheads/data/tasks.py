@@ -34,6 +34,7 @@ goes after the sentence / line boundary nearest to its target depth (within
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -185,6 +186,8 @@ class TaskPrompt:
         actual_depth: where that insert starts, as a fraction of the haystack (``None`` for cwe).
         key_start: index in ``input_ids`` of that insert's first token (``-1`` for cwe).
         seed: the trial's seed.
+        trial: the trial index within its cell (:func:`suite_prompts`; the depths of a trial share the
+            haystack); ``-1`` for a prompt made on its own.
     """
 
     task: str
@@ -198,6 +201,7 @@ class TaskPrompt:
     actual_depth: float | None
     key_start: int
     seed: int
+    trial: int = -1
 
     @property
     def cell(self) -> tuple[int, float | None, int | None]:
@@ -488,5 +492,6 @@ def suite_prompts(
             for trial in range(trials):
                 s = derive_seed(task, seed, length, level, trial)
                 h = derive_seed("haystack", task, seed, length, trial)
-                out.append(make_prompt(task, tokenizer, pool, length, level, s, h, spec))
+                p = make_prompt(task, tokenizer, pool, length, level, s, h, spec)
+                out.append(dataclasses.replace(p, trial=trial))
     return out

@@ -882,7 +882,7 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
             timings["perplexity"] = round(time.time() - t_task, 1)
         if "perplexity_lc" in cfg.tasks:
             t_task = time.time()
-            _run_long_context(cfg, model, prep, runner, conditions, results)
+            _run_long_context(cfg, model, prep, runner, conditions, results, ranks)
             timings["perplexity_lc"] = round(time.time() - t_task, 1)
         for task in ("passkey", "needle"):
             if task in cfg.tasks:
@@ -891,7 +891,7 @@ def _run(cfg: EvalConfig, prepared: Prepared | None) -> dict[str, Any]:
                 timings[task] = round(time.time() - t_task, 1)
         if "retrieval" in cfg.tasks:
             t_task = time.time()
-            _run_suite(cfg, model, prep, runner, conditions, results)
+            _run_suite(cfg, model, prep, runner, conditions, results, ranks)
             timings["retrieval"] = round(time.time() - t_task, 1)
         results.set("status", "complete")
     except BaseException as err:
@@ -963,10 +963,11 @@ def _run_long_context(
     runner: ConditionRunner,
     conditions: Sequence[Condition],
     results: ResultsFile,
+    ranks: Ranks = SINGLE,
 ) -> None:
     """Long-context-sensitive perplexity per length (token selection on the unablated model, then every
-    condition still missing from results.json)."""
-    from posheads.eval.longctx import evaluate_long_context_perplexity
+    condition still missing from results.json), then its document-bootstrap intervals."""
+    from posheads.eval.longctx import evaluate_long_context_perplexity, long_context_intervals
 
     s = cfg.perplexity_lc
     for length in s.lengths:
@@ -984,8 +985,10 @@ def _run_long_context(
             runner=runner,
             conditions=todo,
             on_row=lambda row: results.append("perplexity_lc", row.to_dict()),
-            progress=cfg.progress,
+            progress=cfg.progress and ranks.is_main,
+            ranks=ranks,
         )
+    results.set("perplexity_lc_intervals", long_context_intervals(results.rows("perplexity_lc")))
 
 
 def _templates() -> dict[str, Any]:
@@ -1001,9 +1004,13 @@ def _run_suite(
     runner: ConditionRunner,
     conditions: Sequence[Condition],
     results: ResultsFile,
+    ranks: Ranks = SINGLE,
 ) -> None:
-    """The retrieval suite, cell by cell (task, length, depth / difficulty); finished rows are skipped on resume."""
+    """The retrieval suite, cell by cell (task, length, depth / difficulty); finished rows are skipped on resume.
+    Then the summary over depths / difficulties (:mod:`posheads.eval.retrieval_summary`) from the trial
+    records."""
     from posheads.eval.retrieval import evaluate_suite
+    from posheads.eval.retrieval_summary import summarize_run
 
     cells: dict[tuple[Any, ...], list[Any]] = {}
     for p in prep.suite:
@@ -1031,8 +1038,11 @@ def _run_suite(
             scoring=cfg.retrieval.scoring,
             on_row=lambda row: results.append("retrieval", row),
             on_trial=results.trial,
-            progress=cfg.progress,
+            progress=cfg.progress and ranks.is_main,
+            ranks=ranks,
         )
+    if ranks.is_main:
+        results.set("retrieval_summary", summarize_run(results.dir))
 
 
 def _config_dict(cfg: EvalConfig) -> dict[str, Any]:

@@ -20,20 +20,24 @@ Pure torch; no Lightning, no W&B.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from posheads.data import TokenizedDocument
 from posheads.eval.conditions import NONE, Condition, ConditionRunner
+from posheads.eval.distributed import SINGLE, Ranks
+from posheads.eval.intervals import DEFAULT_BOOT, DEFAULT_LEVEL, bootstrap_indices, percentile_interval
 from posheads.eval.perplexity import NLL_CHUNK, perplexity_windows
 
 __all__ = [
     "LongContextRow",
     "evaluate_long_context_perplexity",
+    "long_context_intervals",
     "select_long_context_tokens",
     "short_context_logprobs",
     "token_logprobs",
@@ -101,7 +105,8 @@ def select_long_context_tokens(
 
 @dataclass(frozen=True)
 class LongContextRow:
-    """One row of ``results.json["perplexity_lc"]``."""
+    """One row of ``results.json["perplexity_lc"]``; ``doc_*`` hold the per-document sums behind the NLLs
+    (document order as in ``document_names``) for the document bootstrap (:func:`long_context_intervals`)."""
 
     condition: str
     length: int
@@ -115,9 +120,15 @@ class LongContextRow:
     documents: int
     short: int
     threshold: float
+    document_names: tuple[str, ...] = ()
+    doc_nll_lc: tuple[float, ...] = ()
+    doc_tokens_lc: tuple[int, ...] = ()
+    doc_nll: tuple[float, ...] = ()
+    doc_tokens: tuple[int, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__, fraction=self.tokens_lc / self.tokens if self.tokens else math.nan)
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in self.__dict__.items()}
+        return dict(d, fraction=self.tokens_lc / self.tokens if self.tokens else math.nan)
 
 
 @torch.inference_mode()
@@ -135,10 +146,12 @@ def evaluate_long_context_perplexity(
     conditions: Sequence[Condition] | None = None,
     on_row: Callable[[LongContextRow], None] | None = None,
     progress: bool = True,
+    ranks: Ranks = SINGLE,
 ) -> list[LongContextRow]:
     """Plain and long-context-sensitive NLL at ``length`` (one window per document, its first ``length``
     tokens) under each condition; the token selection is made on the unablated model (``model`` outside any
-    ablation) and is the same for every condition."""
+    ablation) and is the same for every condition. ``ranks``: the documents are split over the evaluation
+    processes (selection and scoring) and gathered in order; every rank returns the single-process rows."""
     if not 2 <= short < length or short % 2:
         raise ValueError(f"short={short!r} must be an even number in [2, length={length})")
     runner = runner or ConditionRunner(model, [NONE])
@@ -151,31 +164,45 @@ def evaluate_long_context_perplexity(
         min_document_tokens=min_document_tokens,
     )
     device = next(model.parameters()).device
-    masks = []
-    for doc, w in tqdm(pairs, desc=f"lc-ppl select L={length}", disable=not progress, leave=False):
-        ids = doc.ids[w.start : w.end].to(device)
+
+    def window(pair: Any) -> torch.Tensor:
+        doc, w = pair
+        return doc.ids[w.start : w.end].to(device)
+
+    def select(pair: Any) -> torch.Tensor:
+        ids = window(pair)
         long_lp = token_logprobs(model, ids[None])[0]
-        masks.append(
-            select_long_context_tokens(long_lp, short_context_logprobs(model, ids, short), threshold)
-        )
-    selected = int(sum(int(m.sum()) for m in masks))
-    total = sum(m.numel() for m in masks)
+        return select_long_context_tokens(long_lp, short_context_logprobs(model, ids, short), threshold).cpu()
+
+    def bar(items: Any, desc: str = f"lc-ppl select L={length}") -> Any:
+        return tqdm(items, desc=desc, disable=not progress, leave=False)
+
+    masks = list(ranks.map(select, pairs, wrap=bar))  # [L-1] bool per window
+    names = tuple(doc.name for doc, _ in pairs)
+    doc_tokens = tuple(int(m.numel()) for m in masks)
+    doc_tokens_lc = tuple(int(m.sum()) for m in masks)
+    selected, total = sum(doc_tokens_lc), sum(doc_tokens)
     rows: list[LongContextRow] = []
     for group in runner.groups(length, conditions):
-        lc = torch.zeros(len(group), dtype=torch.float64)
-        plain = torch.zeros(len(group), dtype=torch.float64)
-        for (doc, w), mask in zip(pairs, masks):
-            ids = doc.ids[w.start : w.end].to(device)
 
-            def fn(n: int, ids: torch.Tensor = ids) -> torch.Tensor:
+        def sums(item: Any, group: Any = group) -> torch.Tensor:
+            pair, mask = item
+            ids = window(pair)
+
+            def fn(n: int) -> torch.Tensor:
                 return token_logprobs(model, ids.expand(n, -1))  # [n, L-1]
 
-            lp = torch.stack(runner.call(group, fn))  # [G, L-1]
-            plain -= lp.sum(1)
-            lc -= (lp * mask).sum(1)
+            lp = torch.stack(runner.call(group, fn)).double().cpu()  # [G, L-1]
+            return torch.stack([-(lp * mask).sum(1), -lp.sum(1)], dim=1)  # [G, 2]: lc, plain NLL sums
+
+        desc = f"lc-ppl L={length} [{','.join(c.name for c in group)}]"
+        per_doc = torch.stack(
+            list(ranks.map(sums, list(zip(pairs, masks)), wrap=lambda it, d=desc: bar(it, d)))
+        )  # [D, G, 2]
         for i, cond in enumerate(group):
-            nll_lc = float(lc[i] / selected) if selected else math.nan
-            nll = float(plain[i] / total)
+            lc_sums, plain_sums = per_doc[:, i, 0], per_doc[:, i, 1]
+            nll_lc = float(lc_sums.sum() / selected) if selected else math.nan
+            nll = float(plain_sums.sum() / total)
             row = LongContextRow(
                 cond.name,
                 length,
@@ -186,11 +213,70 @@ def evaluate_long_context_perplexity(
                 math.exp(nll),
                 total,
                 len(pairs),
-                len({d.name for d, _ in pairs}),
+                len(set(names)),
                 short,
                 float(threshold),
+                names,
+                tuple(float(x) for x in lc_sums),
+                doc_tokens_lc,
+                tuple(float(x) for x in plain_sums),
+                doc_tokens,
             )
             rows.append(row)
             if on_row is not None:
                 on_row(row)
     return rows
+
+
+def long_context_intervals(
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    n_boot: int = DEFAULT_BOOT,
+    seed: int = 0,
+    level: float = DEFAULT_LEVEL,
+) -> list[dict[str, Any]]:
+    """Per length: the long-context-sensitive and the plain NLL of every condition with a paired percentile
+    bootstrap over documents (the token-weighted NLL recomputed per resample), and each condition minus
+    ``none`` on the same resamples. ``rows``: ``results.json["perplexity_lc"]`` (rows without per-document
+    sums, written before they were recorded, are skipped)."""
+    out = []
+    for length in sorted({int(r["length"]) for r in rows}):
+        rs = [r for r in rows if int(r["length"]) == length and r.get("doc_nll_lc")]
+        if not rs:
+            continue
+        names = rs[0]["document_names"]
+        if any(r["document_names"] != names for r in rs):
+            raise ValueError(f"perplexity_lc rows at length {length} cover different documents")
+        idx = bootstrap_indices(len(names), n_boot, seed)  # [B, D]
+        entry: dict[str, Any] = {"length": length, "n_documents": len(names), "documents": list(names)}
+        for kind, num, den in (("lc", "doc_nll_lc", "doc_tokens_lc"), ("plain", "doc_nll", "doc_tokens")):
+            tok = np.asarray(rs[0][den], dtype=np.float64)
+            boot_den = tok[idx].sum(axis=1)  # [B]
+            point, boot = {}, {}
+            for r in rs:
+                sums = np.asarray(r[num], dtype=np.float64)
+                point[r["condition"]] = float(sums.sum() / tok.sum()) if tok.sum() else math.nan
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    boot[r["condition"]] = np.where(boot_den > 0, sums[idx].sum(axis=1) / boot_den, np.nan)
+            conds = {}
+            for c, b in boot.items():
+                lo, hi = _finite_interval(b, level)
+                conds[c] = {"nll": point[c], "lo": lo, "hi": hi}
+                if c != "none" and "none" in boot:
+                    dlo, dhi = _finite_interval(b - boot["none"], level)
+                    conds[c]["minus_none"] = {"value": point[c] - point["none"], "lo": dlo, "hi": dhi}
+            entry[kind] = {"tokens": int(tok.sum()), "conditions": conds}
+        entry.update(
+            n_boot=n_boot, seed=seed, level=level, method="paired percentile bootstrap over documents"
+        )
+        out.append(entry)
+    return out
+
+
+def _finite_interval(samples: np.ndarray, level: float) -> tuple[float | None, float | None]:
+    """Percentile interval of the finite resamples (a resample of documents without a selected token has no
+    long-context NLL)."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size < 2:
+        return None, None
+    return percentile_interval(finite, level)

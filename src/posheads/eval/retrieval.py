@@ -343,6 +343,7 @@ def evaluate_suite(
     on_row: Callable[[dict[str, Any]], None] | None = None,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = True,
+    ranks: Ranks = SINGLE,
 ) -> list[dict[str, Any]]:
     """Teacher-forced scores of suite prompts (:class:`posheads.data.tasks.TaskPrompt`) under each condition.
 
@@ -350,7 +351,9 @@ def evaluate_suite(
     forward per prompt scores every condition (rows = conditions; layers before the group's first ablated
     layer shared when the runner has a prefix). ``scoring="both"`` also decodes greedily and records the
     agreement (``greedy_agrees``); ``"greedy"`` uses greedy exact match as the accuracy (log-probabilities
-    still teacher-forced).
+    still teacher-forced). ``ranks``: the prompts of a cell are split over the evaluation processes and their
+    scores gathered in order (:mod:`posheads.eval.distributed`): every rank returns the single-process rows
+    and sees every trial record.
     """
     if scoring not in SCORINGS:
         raise ValueError(f"scoring={scoring!r} is not one of {list(SCORINGS)}")
@@ -364,28 +367,27 @@ def evaluate_suite(
             scores: list[list[AnswerScore]] = [[] for _ in group]
             greedy: list[list[bool]] = [[] for _ in group]
             names = ",".join(c.name for c in group)
-            level = f"d={depth:g}" if depth is not None else f"k={difficulty}"
-            bar = tqdm(
-                cell,
-                desc=f"{task} L={length} {level} [{names}]",
-                unit="trial",
-                disable=not progress,
-                leave=False,
-            )
-            for prompt in bar:
+            desc = f"{task} L={length} " + (f"d={depth:g}" if depth is not None else f"k={difficulty}")
 
-                def fn(n: int, prompt: Any = prompt) -> list[AnswerScore]:
+            def bar(items: Any, desc: str = f"{desc} [{names}]") -> Any:
+                return tqdm(items, desc=desc, unit="trial", disable=not progress, leave=False)
+
+            def score(prompt: Any, group: Any = group) -> tuple[list[AnswerScore], list[Any]]:
+                def fn(n: int) -> list[AnswerScore]:
                     logits = teacher_forced_logits(model, prompt.input_ids, prompt.answer_ids, n)
                     return score_answers(logits, prompt.answer_ids, prompt.items)
 
-                got = runner.call(group, fn)
+                got = list(runner.call(group, fn))
                 checks: list[Any] = [None] * len(group)
                 if scoring != "teacher_forced":
 
-                    def gfn(n: int, prompt: Any = prompt) -> list[tuple[bool, list[int]]]:
+                    def gfn(n: int) -> list[tuple[bool, list[int]]]:
                         return greedy_exact(model, prompt.input_ids, prompt.answer_ids, n)
 
-                    checks = runner.call(group, gfn, broadcast=False)
+                    checks = list(runner.call(group, gfn, broadcast=False))
+                return got, checks
+
+            for prompt, (got, checks) in zip(cell, ranks.map(score, cell, wrap=bar)):
                 for i, (cond, s) in enumerate(zip(group, got)):
                     if scoring == "greedy":
                         s = dataclasses.replace(s, exact=checks[i][0])
@@ -402,6 +404,7 @@ def evaluate_suite(
                             "difficulty": difficulty,
                             "actual_depth": prompt.actual_depth,
                             "seed": prompt.seed,
+                            "trial": prompt.trial,
                             "answer": prompt.answer,
                             "correct": s.exact,
                             "logprob": s.logprob,
