@@ -195,10 +195,12 @@ def evaluate_long_context_perplexity(
             lp = torch.stack(runner.call(group, fn)).double().cpu()  # [G, L-1]
             return torch.stack([-(lp * mask).sum(1), -lp.sum(1)], dim=1)  # [G, 2]: lc, plain NLL sums
 
-        desc = f"lc-ppl L={length} [{','.join(c.name for c in group)}]"
-        per_doc = torch.stack(
-            list(ranks.map(sums, list(zip(pairs, masks)), wrap=lambda it, d=desc: bar(it, d)))
-        )  # [D, G, 2]
+        def scoring_bar(
+            items: Any, desc: str = f"lc-ppl L={length} [{','.join(c.name for c in group)}]"
+        ) -> Any:
+            return bar(items, desc)
+
+        per_doc = torch.stack(list(ranks.map(sums, list(zip(pairs, masks)), wrap=scoring_bar)))  # [D, G, 2]
         for i, cond in enumerate(group):
             lc_sums, plain_sums = per_doc[:, i, 0], per_doc[:, i, 1]
             nll_lc = float(lc_sums.sum() / selected) if selected else math.nan
@@ -258,7 +260,7 @@ def long_context_intervals(
                 point[r["condition"]] = float(sums.sum() / tok.sum()) if tok.sum() else math.nan
                 with np.errstate(invalid="ignore", divide="ignore"):
                     boot[r["condition"]] = np.where(boot_den > 0, sums[idx].sum(axis=1) / boot_den, np.nan)
-            conds = {}
+            conds: dict[str, dict[str, Any]] = {}
             for c, b in boot.items():
                 lo, hi = _finite_interval(b, level)
                 conds[c] = {"nll": point[c], "lo": lo, "hi": hi}
