@@ -59,6 +59,7 @@ from posheads.eval.sweep import (
     validate_heads,
 )
 from posheads.models import ModelConfig
+from posheads.protocol_diff import describe_changes, flatten, protocol_changes
 
 log = logging.getLogger("posheads.eval")
 
@@ -98,7 +99,7 @@ def parse_config(argv: Sequence[str] | None = None) -> EvalConfig:
     try:
         ns = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     except argparse.ArgumentError as err:
-        known = _flatten(parser.get_defaults(skip_validation=True).as_dict())
+        known = flatten(parser.get_defaults(skip_validation=True).as_dict())
         raise from_argparse(err, known) from None
     values = ns.as_dict()
     names = {f.name for f in dataclasses.fields(EvalConfig)}
@@ -353,15 +354,6 @@ RESUME_FREE = (
 )
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
 def _plain(value: Any) -> Any:
     from posheads.eval.results import _jsonable
 
@@ -409,28 +401,17 @@ def check_output(cfg: EvalConfig) -> dict[str, Any]:
                 hint="use a new output.dir, or output.resume=false",
             )
         return {}
-    a, b = _flatten(_plain(before)), _flatten(_plain(_config_dict(cfg)))
-    defaults = _flatten(_plain(_config_dict(EvalConfig())))
-    missing = object()
-    changes: dict[str, Any] = {}
-    for key in sorted(set(a) | set(b)):
-        if any(key == f or key.startswith(f + ".") for f in RESUME_FREE):
-            continue
-        old_value, new_value = a.get(key, missing), b.get(key, missing)
-        if old_value is missing and new_value == defaults.get(key, missing):
-            continue  # an option added since that run, at its default
-        if old_value != new_value:
-            changes[key] = {
-                "before": None if old_value is missing else old_value,
-                "after": None if new_value is missing else new_value,
-            }
+    changes = protocol_changes(
+        _plain(before),
+        _plain(_config_dict(cfg)),
+        defaults=_plain(_config_dict(EvalConfig())),
+        free=RESUME_FREE,
+    )
     if changes and not cfg.output.allow_protocol_change:
-        listed = ", ".join(f"{k} ({v['before']!r} -> {v['after']!r})" for k, v in list(changes.items())[:6])
-        more = f" and {len(changes) - 6} more" if len(changes) > 6 else ""
         raise ConfigError(
             "output.resume",
             True,
-            f"{path} was made with another protocol: {listed}{more}",
+            f"{path} was made with another protocol: {describe_changes(changes)}",
             hint="use a new output.dir, output.resume=false (the earlier file is kept as "
             "results.replaced-<time>.json), or output.allow_protocol_change=true (recorded in the protocol)",
         )

@@ -59,6 +59,7 @@ from posheads.lit.export import HFExport
 from posheads.lit.loggers import build_loggers
 from posheads.lit.module import LengthExtensionModule
 from posheads.lit.report import PerplexityReport
+from posheads.protocol_diff import describe_changes, flatten, protocol_changes
 
 __all__ = [
     "RESUME_FREE",
@@ -166,7 +167,7 @@ class PosheadsCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except argparse.ArgumentError as err:
             try:
-                known = list(_flatten(parser.get_defaults(skip_validation=True).as_dict()))
+                known = list(flatten(parser.get_defaults(skip_validation=True).as_dict()))
             except Exception:  # pragma: no cover - the hint is optional
                 known = []
             raise from_argparse(err, known) from None
@@ -291,15 +292,6 @@ def _dump(parser: Any, config: Namespace) -> str:
         return parser.dump(config)
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict) and value:
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
 #: Options that may differ between a run directory's ``config.yaml`` and a run resumed (or restarted) in it:
 #: how long to run, logging, checkpoint frequency and threads -- not how the model is trained.
 RESUME_FREE = (
@@ -360,33 +352,18 @@ def _check_run_dir(config: Namespace, parser: Any, run: RunConfig) -> None:
         ) from err
     new = yaml.safe_load(_dump(parser, config)) or {}
     try:
-        defaults = _flatten(yaml.safe_load(_dump(parser, parser.get_defaults(skip_validation=True))) or {})
+        defaults = yaml.safe_load(_dump(parser, parser.get_defaults(skip_validation=True))) or {}
     except Exception:  # pragma: no cover - defaults only soften the comparison for options added later
         defaults = {}
-    a, b = _flatten(old), _flatten(new)
-    missing = object()
-    changes: dict[str, Any] = {}
-    for key in sorted(set(a) | set(b)):
-        if any(key == f or key.startswith(f + ".") for f in RESUME_FREE):
-            continue
-        before, after = a.get(key, missing), b.get(key, missing)
-        if before is missing and after == defaults.get(key, missing):
-            continue  # an option added since that run, at its default
-        if before != after:
-            changes[key] = {
-                "before": None if before is missing else before,
-                "after": None if after is missing else after,
-            }
+    changes = protocol_changes(old, new, defaults=defaults, free=RESUME_FREE)
     if not changes:
         return
     option, value = ("ckpt_path", ckpt) if ckpt is not None else ("run.name", run.name)
     if not config.get("allow_protocol_change"):
-        listed = ", ".join(f"{k} ({v['before']!r} -> {v['after']!r})" for k, v in list(changes.items())[:6])
-        more = f" and {len(changes) - 6} more" if len(changes) > 6 else ""
         raise ConfigError(
             option,
             value,
-            f"{run_dir} holds a run made with another protocol: {listed}{more}",
+            f"{run_dir} holds a run made with another protocol: {describe_changes(changes)}",
             hint=(
                 "resume with that run's settings (--config " + str(path) + "), choose another run.name, or "
                 "pass --allow_protocol_change true (the old config.yaml is kept and the change recorded)"
