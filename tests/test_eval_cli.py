@@ -276,6 +276,13 @@ def test_ci_config_end_to_end(tmp_path):
     }  # fmt: skip
     assert proto["retrieval_templates"]["multikey"]["question"].startswith("What is the special magic")
     assert (run / "retrieval_vartrack.png").read_bytes()[:4] == b"\x89PNG"
+    summary = on_disk["retrieval_summary"]  # pooled over depths; one prompt each: no interval to give
+    assert {c["task"] for c in summary["cells"]} == {r["task"] for r in suite}
+    assert all(c["prompts"] == 1 and c["logprob"]["lo"] is None for c in summary["cells"])
+    versus = {(c["set"], c["versus"]) for c in summary["contrasts"]}
+    assert versus == {("positional", "none"), ("positional", "random"), ("positional", "lowest")}
+    for png in ("retrieval_accuracy.png", "retrieval_contrasts.png"):
+        assert (run / png).read_bytes()[:4] == b"\x89PNG", png
     for png in ("perplexity.png", "passkey.png", "needle.png", "scores_heatmap.png", "hda_curves.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG", png
     assert (run / "heads.csv").is_file()

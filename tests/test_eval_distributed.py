@@ -71,7 +71,9 @@ def test_two_processes_write_the_single_process_results(tmp_path):
             section
         )  # bit for bit: the same per-item numbers, same order
     assert two_res["perplexity_lc_intervals"] == one_res["perplexity_lc_intervals"]
-    assert two_res["retrieval_summary"] == one_res["retrieval_summary"] and one_res["retrieval_summary"]["cells"]
+    assert (
+        two_res["retrieval_summary"] == one_res["retrieval_summary"] and one_res["retrieval_summary"]["cells"]
+    )
     one_trials = (tmp_path / "one" / "trials.jsonl").read_text().splitlines()
     assert (tmp_path / "two" / "trials.jsonl").read_text().splitlines() == one_trials and one_trials
 

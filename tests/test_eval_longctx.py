@@ -135,4 +135,6 @@ def test_long_context_intervals_resample_documents_not_tokens():
     c = iv["lc"]["conditions"]["none"]
     assert c["nll"] == pytest.approx(0.55) and c["lo"] == pytest.approx(0.1) and c["hi"] == pytest.approx(1.0)
     d = iv["lc"]["conditions"]["pos"]["minus_none"]  # paired: pos - none = none per document
-    assert d["value"] == pytest.approx(0.55) and d["lo"] == pytest.approx(0.1) and d["hi"] == pytest.approx(1.0)
+    assert (
+        d["value"] == pytest.approx(0.55) and d["lo"] == pytest.approx(0.1) and d["hi"] == pytest.approx(1.0)
+    )

@@ -297,6 +297,11 @@ def plot_results(results: Mapping[str, Any], output_dir: str | os.PathLike) -> l
         written.append(plot_retrieval(results, task, out / f"{task}.png"))
     for task in sorted({r["task"] for r in results.get("retrieval", [])}):
         written.append(plot_suite(results, task, out / f"retrieval_{task}.png"))
+    summary = results.get("retrieval_summary") or {}
+    if summary.get("cells"):
+        from posheads.eval.retrieval_summary import plot_summary
+
+        written += plot_summary(summary, out)
     return [p for p in written if p is not None]
 
 

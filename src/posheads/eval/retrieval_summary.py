@@ -144,6 +144,8 @@ def _cluster_boot(values: np.ndarray, clusters: Sequence[Any], n_boot: int, seed
     sums = np.zeros((len(ids), values.shape[1]))
     np.add.at(sums, g, values)
     counts = np.bincount(g, minlength=len(ids)).astype(np.float64)
+    if len(ids) < 2:  # one haystack: nothing to resample (no interval rather than a zero-width one)
+        return np.full((n_boot, values.shape[1]), np.nan)
     idx = bootstrap_indices(len(ids), n_boot, seed)  # [B, k]
     return sums[idx].sum(axis=1) / counts[idx].sum(axis=1)[:, None]
 
@@ -223,7 +225,7 @@ def summarize(
                     versus[fam] = members
             for vs, members in versus.items():
                 keys, vals = cell.paired([pos, *members])
-                if len(keys) < 2:
+                if not keys:
                     continue
                 clusters = [k[2] for k in keys]
                 ctrl = np.mean([vals[c] for c in members], axis=0)  # [n, 2]
