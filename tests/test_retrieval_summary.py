@@ -134,3 +134,18 @@ def test_summarize_run_reads_a_run_directory(tmp_path):
     assert s["protocol"]["model"] == "tiny" and s["protocol"]["retrieval"]["trials"] == 3
     c = next(c for c in s["contrasts"] if c["versus"] == "random")
     assert c["logprob"]["value"] == pytest.approx(-2.0) and c["haystacks"] == 3
+
+
+def test_a_mean_ablated_set_is_compared_with_mean_ablated_controls():
+    offsets = {
+        "none": 0.0,
+        "positional:mean": -6.0,
+        "random@0:mean": -1.0,
+        "random@1:mean": -3.0,
+        "random@0": -9.0,
+    }
+    s = summarize(_records(offsets), n_boot=100)
+    con = {(c["set"], c["versus"]): c for c in s["contrasts"]}
+    assert set(con) == {("positional:mean", "none"), ("positional:mean", "random:mean")}
+    assert con[("positional:mean", "random:mean")]["controls"] == ["random@0:mean", "random@1:mean"]
+    assert con[("positional:mean", "random:mean")]["logprob"]["value"] == pytest.approx(-4.0)

@@ -9,7 +9,8 @@ A run's ``trials.jsonl`` holds one teacher-forced record per (prompt, condition)
 * **contrasts** -- for each Positional set in the run (``positional``: attention-sink key excluded;
   ``positional_allkeys``: every key), the set minus ``none`` and the set minus the mean of its own clean
   controls (``random@*`` for ``positional``, ``random_allkeys@*`` for ``positional_allkeys``; ``lowest`` /
-  ``lowest_allkeys`` likewise when run), per prompt, and each control seed on its own (seeds differ a lot);
+  ``lowest_allkeys`` likewise when run; a set ablated with a mode, ``positional:mean``, against the controls
+  with the same mode, ``random@*:mean``), per prompt, and each control seed on its own (seeds differ a lot);
 * **pooled** -- the same contrasts averaged over tasks (each task weighs the same) per length.
 
 Intervals are percentile bootstraps over **haystacks**, not prompts: the depths of a trial share their
@@ -213,9 +214,11 @@ def summarize(
                 diff, _ = _diff_stats(v, vals["none"], clusters, n_boot, seed, level)
                 row["minus_none"] = diff
             cells_out.append(row)
-        for pos, families in CONTROLS.items():
-            if pos not in cell.values:
+        for pos in cell.conditions:
+            base, _, mode = pos.partition(":")
+            if base not in CONTROLS:
                 continue
+            families = [f"{f}:{mode}" if mode else f for f in CONTROLS[base]]
             versus: dict[str, list[str]] = {}
             if "none" in cell.values:
                 versus["none"] = ["none"]
