@@ -376,3 +376,28 @@ def test_wandb_logging_offline(tmp_path, monkeypatch):
     import os
 
     assert "WANDB_DIR" not in os.environ  # the run's W&B directories are scoped to the call
+
+
+def test_mean_ablation_of_a_previous_table_without_a_corpus_task(tmp_path):
+    """A passkey-only suite (no haystack, so no corpus task) with mean ablation still takes the head means on
+    the previous identification's probe documents (regression: the corpus was not loaded and the run failed)."""
+    main(_ci(tmp_path, "--tasks", "[heads]", "--output.plots", "false"))
+    out = main(
+        _ci(
+            tmp_path,
+            "--tasks",
+            "[retrieval]",
+            "--retrieval.tasks",
+            "[passkey]",
+            "--sweep.conditions",
+            '[none, "positional:mean"]',
+            "--heads.from_results",
+            str(tmp_path / "run"),
+            "--output.dir",
+            str(tmp_path / "mean"),
+            "--output.plots",
+            "false",
+        )
+    )
+    assert {r["condition"] for r in out["retrieval"]} == {"none", "positional:mean"}
+    assert out["protocol"]["corpus"]["held_out"]

@@ -507,6 +507,7 @@ def _prepare(cfg: EvalConfig) -> Prepared:
         {"heads", "perplexity", "perplexity_lc"}.intersection(cfg.tasks)
         or ("needle" in cfg.tasks and cfg.needle.haystack is None)
         or ("retrieval" in cfg.tasks and cfg.retrieval.needs_haystack and cfg.retrieval.haystack is None)
+        or (cfg.sweep.uses_mean and cfg.evaluates)  # the means are taken on the probe documents
     ):
         docs = load_token_documents(cfg.corpus, tokenizer, cache_dir=cfg.token_cache, progress=cfg.progress)
         probe_docs, docs = split_documents(cfg, docs)
