@@ -138,3 +138,19 @@ def test_long_context_intervals_resample_documents_not_tokens():
     assert (
         d["value"] == pytest.approx(0.55) and d["lo"] == pytest.approx(0.1) and d["hi"] == pytest.approx(1.0)
     )
+
+
+def test_long_context_intervals_compare_a_set_with_the_mean_of_its_own_controls():
+    def row(name, scale):
+        return {"condition": name, "length": 64, "document_names": ["a", "b", "c"],
+                "doc_nll_lc": [scale * 1.0, scale * 2.0, scale * 3.0], "doc_tokens_lc": [1, 1, 1],
+                "doc_nll": [scale, scale, scale], "doc_tokens": [1, 1, 1]}  # fmt: skip
+
+    rows = [row("none", 1.0), row("positional", 4.0), row("random@0", 2.0), row("random@1", 3.0)]
+    rows.append(row("random_allkeys@0", 9.0))  # another set's control: not averaged in
+    (iv,) = long_context_intervals(rows, n_boot=500)
+    c = iv["lc"]["conditions"]["positional"]["minus_random"]
+    assert c["controls"] == ["random@0", "random@1"]
+    assert c["value"] == pytest.approx(4.0 * 2 - 2.5 * 2)  # NLL = 2 x scale: 8 - mean(4, 6)
+    assert c["lo"] <= c["value"] <= c["hi"]
+    assert "minus_random" not in iv["lc"]["conditions"]["random@0"]

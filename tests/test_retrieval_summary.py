@@ -11,11 +11,11 @@ import pytest
 from posheads.data.retrieval import derive_seed
 from posheads.eval.retrieval_summary import (
     attach_trials,
-    control_family,
     summarize,
     summarize_run,
     summary_tables,
 )
+from posheads.eval.sweep import control_family, own_controls
 
 
 def _records(
@@ -43,6 +43,11 @@ def test_control_family():
     assert control_family("random_allkeys@0") == "random_allkeys"
     assert control_family("random@0:mean") == "random:mean"
     assert control_family("positional") == "positional"
+    names = ["none", "random@0", "random@1:mean", "random_allkeys@0", "lowest", "positional:mean"]
+    assert own_controls("positional", names) == {"random": ["random@0"], "lowest": ["lowest"]}
+    assert own_controls("positional:mean", names) == {"random:mean": ["random@1:mean"]}
+    assert own_controls("positional_allkeys", names) == {"random_allkeys": ["random_allkeys@0"]}
+    assert own_controls("random@0", names) == {}
 
 
 def test_contrasts_use_each_sets_own_controls_per_prompt():

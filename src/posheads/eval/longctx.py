@@ -33,6 +33,7 @@ from posheads.eval.conditions import NONE, Condition, ConditionRunner
 from posheads.eval.distributed import SINGLE, Ranks
 from posheads.eval.intervals import DEFAULT_BOOT, DEFAULT_LEVEL, bootstrap_indices, percentile_interval
 from posheads.eval.perplexity import NLL_CHUNK, perplexity_windows
+from posheads.eval.sweep import own_controls
 
 __all__ = [
     "LongContextRow",
@@ -238,8 +239,9 @@ def long_context_intervals(
     level: float = DEFAULT_LEVEL,
 ) -> list[dict[str, Any]]:
     """Per length: the long-context-sensitive and the plain NLL of every condition with a paired percentile
-    bootstrap over documents (the token-weighted NLL recomputed per resample), and each condition minus
-    ``none`` on the same resamples. ``rows``: ``results.json["perplexity_lc"]`` (rows without per-document
+    bootstrap over documents (the token-weighted NLL recomputed per resample), each condition minus ``none``
+    and each Positional set minus the mean of its own clean controls (``minus_random``, ...;
+    :func:`posheads.eval.sweep.own_controls`) on the same resamples. ``rows``: ``results.json["perplexity_lc"]`` (rows without per-document
     sums, written before they were recorded, are skipped)."""
     out = []
     for length in sorted({int(r["length"]) for r in rows}):
@@ -267,6 +269,11 @@ def long_context_intervals(
                 if c != "none" and "none" in boot:
                     dlo, dhi = _finite_interval(b - boot["none"], level)
                     conds[c]["minus_none"] = {"value": point[c] - point["none"], "lo": dlo, "hi": dhi}
+            for c in conds:  # a Positional set minus the mean of its own clean controls, same resamples
+                for fam, members in own_controls(c, boot).items():
+                    value = point[c] - float(np.mean([point[m] for m in members]))
+                    lo, hi = _finite_interval(boot[c] - np.mean([boot[m] for m in members], axis=0), level)
+                    conds[c][f"minus_{fam}"] = {"value": value, "lo": lo, "hi": hi, "controls": members}
             entry[kind] = {"tokens": int(tok.sum()), "conditions": conds}
         entry.update(
             n_boot=n_boot, seed=seed, level=level, method="paired percentile bootstrap over documents"

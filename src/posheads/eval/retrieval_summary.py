@@ -44,11 +44,10 @@ from posheads.eval.intervals import (
     percentile_interval,
     wilson_interval,
 )
+from posheads.eval.sweep import CONTROLS, own_controls
 
 __all__ = [
-    "CONTROLS",
     "attach_trials",
-    "control_family",
     "load_suite_records",
     "main",
     "summarize",
@@ -56,20 +55,7 @@ __all__ = [
     "summary_tables",
 ]
 
-#: The clean controls of each Positional set (condition families, :mod:`posheads.eval.sweep`).
-CONTROLS: dict[str, tuple[str, ...]] = {
-    "positional": ("random", "lowest"),
-    "positional_allkeys": ("random_allkeys", "lowest_allkeys"),
-}
-
 METRICS = ("logprob", "correct")
-
-
-def control_family(condition: str) -> str:
-    """``random@2`` -> ``random``; ``random@0:mean`` -> ``random:mean``; other names unchanged."""
-    base, _, mode = condition.partition(":")
-    base = base.split("@", 1)[0]
-    return f"{base}:{mode}" if mode else base
 
 
 def load_suite_records(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -215,17 +201,10 @@ def summarize(
                 row["minus_none"] = diff
             cells_out.append(row)
         for pos in cell.conditions:
-            base, _, mode = pos.partition(":")
-            if base not in CONTROLS:
+            if pos.partition(":")[0] not in CONTROLS:  # not a Positional set
                 continue
-            families = [f"{f}:{mode}" if mode else f for f in CONTROLS[base]]
-            versus: dict[str, list[str]] = {}
-            if "none" in cell.values:
-                versus["none"] = ["none"]
-            for fam in families:
-                members = [c for c in cell.conditions if control_family(c) == fam]
-                if members:
-                    versus[fam] = members
+            versus: dict[str, list[str]] = {"none": ["none"]} if "none" in cell.values else {}
+            versus.update(own_controls(pos, cell.conditions))
             for vs, members in versus.items():
                 keys, vals = cell.paired([pos, *members])
                 if not keys:

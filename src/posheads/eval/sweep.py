@@ -57,6 +57,9 @@ from posheads.eval.conditions import NONE, Condition
 
 __all__ = [
     "CONDITION_NAMES",
+    "CONTROLS",
+    "control_family",
+    "own_controls",
     "ConditionSpec",
     "dims_pairs",
     "parse_condition",
@@ -72,6 +75,36 @@ __all__ = [
     "resolve_critical_pair",
     "validate_heads",
 ]
+
+#: The clean controls of each Positional set (condition families): a set is compared with these.
+CONTROLS: dict[str, tuple[str, ...]] = {
+    "positional": ("random", "lowest"),
+    "positional_allkeys": ("random_allkeys", "lowest_allkeys"),
+}
+
+
+def control_family(condition: str) -> str:
+    """``random@2`` -> ``random``; ``random@0:mean`` -> ``random:mean``; other names unchanged."""
+    base, _, mode = condition.partition(":")
+    base = base.split("@", 1)[0]
+    return f"{base}:{mode}" if mode else base
+
+
+def own_controls(condition: str, names: Iterable[str]) -> dict[str, list[str]]:
+    """The members of ``names`` that control ``condition`` when it is a Positional set, by family:
+    ``positional`` -> ``{"random": ["random@0", ...], "lowest": [...]}``; a set with a mode
+    (``positional:mean``) takes the controls with the same mode. Empty for any other condition."""
+    base, _, mode = condition.partition(":")
+    if base not in CONTROLS:
+        return {}
+    out: dict[str, list[str]] = {}
+    for fam in CONTROLS[base]:
+        fam = f"{fam}:{mode}" if mode else fam
+        members = [n for n in names if control_family(n) == fam]
+        if members:
+            out[fam] = members
+    return out
+
 
 CONDITION_NAMES = (
     "none",
