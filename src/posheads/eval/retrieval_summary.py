@@ -263,14 +263,19 @@ def summarize(
 
 def summarize_run(run_dir: str | Path, **kw: Any) -> dict[str, Any]:
     """:func:`summarize` of a run directory (its ``results.json`` protocol gives the suite's seed and trials)."""
+    from posheads.eval.longctx import long_context_intervals
     from posheads.eval.results import load_results
 
-    proto = load_results(run_dir)["protocol"]
+    data = load_results(run_dir)
+    proto = data["protocol"]
     suite = proto.get("retrieval") or {}
     records = load_suite_records(run_dir)
-    if not records:
-        return {"cells": [], "contrasts": [], "pooled": []}
-    out = summarize(attach_trials(records, int(suite.get("seed", 0)), int(suite.get("trials", 0))), **kw)
+    out: dict[str, Any] = {"cells": [], "contrasts": [], "pooled": []}
+    if records:
+        out = summarize(attach_trials(records, int(suite.get("seed", 0)), int(suite.get("trials", 0))), **kw)
+    if data.get("perplexity_lc"):
+        lc_kw = {k: v for k, v in kw.items() if k in ("n_boot", "seed", "level")}
+        out["perplexity_lc"] = long_context_intervals(data["perplexity_lc"], **lc_kw)
     out["protocol"] = {
         k: proto.get(k)
         for k in ("model", "name_or_path", "dtype", "scaling", "identification", "probes", "conditions")
@@ -316,6 +321,27 @@ def summary_tables(summary: Mapping[str, Any]) -> str:
             f"| {c['task']} | {c['length']} | {c['set']} | {c['versus']} | {c['prompts']} | "
             f"{_fmt(c['correct'], sign=True)} | {_fmt(c['logprob'], sign=True)} | {seeds or '—'} |"
         )
+    for lc in summary.get("perplexity_lc", []):
+        lines += [
+            "",
+            f"Long-context-sensitive NLL at {lc['length']} ({lc['lc']['tokens']} of {lc['plain']['tokens']} tokens, "
+            f"{lc['n_documents']} documents; paired document bootstrap), plain NLL beside it",
+            "",
+            "| condition | LC NLL | LC − none | LC − own controls | plain NLL | plain − none | plain − own controls |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, c in lc["lc"]["conditions"].items():
+            p = lc["plain"]["conditions"][name]
+            cells = []
+            for x in (c, p):
+                nll = {"value": x["nll"], "lo": x["lo"], "hi": x["hi"]}
+                ctrl = [v for k, v in x.items() if k.startswith("minus_") and k != "minus_none"]
+                cells += [
+                    _fmt(nll),
+                    _fmt(x["minus_none"], sign=True) if "minus_none" in x else "—",
+                    "; ".join(_fmt(v, sign=True) for v in ctrl) or "—",
+                ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Pooled over tasks (each task weighs the same; bootstrap stratified by task)",
