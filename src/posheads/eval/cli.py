@@ -1024,7 +1024,7 @@ def _run_suite(
             ranks=ranks,
         )
     if ranks.is_main:
-        results.set("retrieval_summary", summarize_run(results.dir))
+        results.set("retrieval_summary", summarize_run(results.dir, long_context=False))
 
 
 def _config_dict(cfg: EvalConfig) -> dict[str, Any]:

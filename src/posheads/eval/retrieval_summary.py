@@ -261,8 +261,10 @@ def summarize(
     }
 
 
-def summarize_run(run_dir: str | Path, **kw: Any) -> dict[str, Any]:
-    """:func:`summarize` of a run directory (its ``results.json`` protocol gives the suite's seed and trials)."""
+def summarize_run(run_dir: str | Path, *, long_context: bool = True, **kw: Any) -> dict[str, Any]:
+    """:func:`summarize` of a run directory (its ``results.json`` protocol gives the suite's seed and trials);
+    with ``long_context``, also the intervals of its long-context-sensitive perplexity
+    (:func:`posheads.eval.longctx.long_context_intervals`; evaluate.py stores those on their own)."""
     from posheads.eval.longctx import long_context_intervals
     from posheads.eval.results import load_results
 
@@ -273,7 +275,7 @@ def summarize_run(run_dir: str | Path, **kw: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"cells": [], "contrasts": [], "pooled": []}
     if records:
         out = summarize(attach_trials(records, int(suite.get("seed", 0)), int(suite.get("trials", 0))), **kw)
-    if data.get("perplexity_lc"):
+    if long_context and data.get("perplexity_lc"):
         lc_kw = {k: v for k, v in kw.items() if k in ("n_boot", "seed", "level")}
         out["perplexity_lc"] = long_context_intervals(data["perplexity_lc"], **lc_kw)
     out["protocol"] = {
