@@ -20,7 +20,7 @@ within each task (stratified). A prompt counts only where every condition compar
 off mid-cell contributes the prompts it finished). Accuracy also carries its Wilson interval over prompts,
 which ignores the clustering and is given for reference only.
 
-Pure numpy; no torch, Lightning or W&B::
+No Lightning or W&B::
 
     python -m posheads.eval.retrieval_summary RUN_DIR [--out DIR]   # summary.json, tables.md, two PNGs
 """
@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from posheads.data.retrieval import derive_seed
 from posheads.eval.intervals import (
     DEFAULT_BOOT,
     DEFAULT_LEVEL,
@@ -81,8 +82,6 @@ def attach_trials(records: Sequence[dict[str, Any]], seed: int, trials: int) -> 
     seed (the prompt's ``derive_seed(task, seed, length, level, trial)`` or, for needle, the haystack's
     ``derive_seed("haystack", task, seed, length, trial)``; :func:`posheads.data.tasks.suite_prompts`).
     Raises when a seed matches no trial of the protocol."""
-    from posheads.data.retrieval import derive_seed
-
     cache: dict[tuple[Any, ...], dict[int, int]] = {}
     out = []
     for rec in records:
@@ -175,6 +174,9 @@ def summarize(
     boots: dict[tuple[int, str, str], dict[str, np.ndarray]] = defaultdict(dict)  # (length, set, vs) -> task
     for (task, length), recs in sorted(by.items(), key=lambda kv: (kv[0][1], tasks.index(kv[0][0]))):
         cell = _Cell(recs)
+        # each (task, length) its own resampling stream (tasks are independent; one stream for all conditions
+        # of a cell, so paired differences and the pooled average see the same resamples)
+        cell_seed = derive_seed("retrieval_summary", seed, task, length) % (2**32)
         for cond in cell.conditions:
             with_none = [cond, "none"] if cond != "none" and "none" in cell.values else [cond]
             keys, vals = cell.paired(with_none)
@@ -182,7 +184,7 @@ def summarize(
                 continue
             clusters = [k[2] for k in keys]
             v = vals[cond]
-            boot = _cluster_boot(v, clusters, n_boot, seed)
+            boot = _cluster_boot(v, clusters, n_boot, cell_seed)
             correct = int(v[:, 1].sum())
             wlo, whi = wilson_interval(correct, len(keys), level)
             row: dict[str, Any] = {
@@ -197,7 +199,7 @@ def summarize(
                 "logprob": _interval(float(v[:, 0].mean()), boot[:, 0], level),
             }
             if len(with_none) == 2:
-                diff, _ = _diff_stats(v, vals["none"], clusters, n_boot, seed, level)
+                diff, _ = _diff_stats(v, vals["none"], clusters, n_boot, cell_seed, level)
                 row["minus_none"] = diff
             cells_out.append(row)
         for pos in cell.conditions:
@@ -211,9 +213,9 @@ def summarize(
                     continue
                 clusters = [k[2] for k in keys]
                 ctrl = np.mean([vals[c] for c in members], axis=0)  # [n, 2]
-                diff, boot = _diff_stats(vals[pos], ctrl, clusters, n_boot, seed, level)
+                diff, boot = _diff_stats(vals[pos], ctrl, clusters, n_boot, cell_seed, level)
                 per_seed = {
-                    c: _diff_stats(vals[pos], vals[c], clusters, n_boot, seed, level)[0] for c in members
+                    c: _diff_stats(vals[pos], vals[c], clusters, n_boot, cell_seed, level)[0] for c in members
                 }
                 contrasts_out.append(
                     {
