@@ -47,9 +47,11 @@ __all__ = [
     "answer_matches",
     "derive_seed",
     "haystack_pool",
+    "haystack_span",
     "needle_prompt",
     "passkey_prompt",
     "prompt_overhead",
+    "snap_cut",
 ]
 
 PASSKEY_TASK = (
@@ -232,6 +234,30 @@ def haystack_pool(documents: Sequence[Any], tokenizer: Any, separator: str = "\n
 _BOUNDARY = re.compile(r"(\n|[.!?:;]\s*)$")
 
 
+def haystack_span(pool: torch.Tensor, budget: int, rng: random.Random, what: str) -> list[int]:
+    """``budget`` consecutive tokens of ``pool`` from an offset drawn with ``rng``; ``what`` names the prompt in
+    the error raised when the pool is too small."""
+    pool = pool.reshape(-1)
+    if pool.numel() < budget:
+        raise ValueError(
+            f"{what} needs a haystack of {budget} tokens but the corpus pool has only {pool.numel()}: use a "
+            "shorter length or a larger corpus"
+        )
+    start = rng.randrange(pool.numel() - budget + 1)
+    return pool[start : start + budget].tolist()
+
+
+def snap_cut(tokenizer: Any, haystack: Sequence[int], depth: float) -> int:
+    """Where an insert at ``depth`` (fraction of ``haystack``) goes: after the sentence / line boundary nearest
+    to it within :data:`SNAP_WINDOW` tokens (ties to the earlier one), else exactly at ``depth``."""
+    budget = len(haystack)
+    target = round(depth * budget)
+    lo, hi = max(0, target - SNAP_WINDOW), min(budget, target + SNAP_WINDOW)
+    ends = _boundary_tokens(tokenizer, haystack[max(0, lo - 1) : hi])
+    candidates = [c for c in range(lo, hi + 1) if c in (0, budget) or haystack[c - 1] in ends]
+    return min(candidates, key=lambda c: (abs(c - target), c)) if candidates else target
+
+
 def _boundary_tokens(tokenizer: Any, ids: Sequence[int]) -> set[int]:
     """The ids among ``ids`` whose text ends a line or a sentence."""
     out = set()
@@ -271,19 +297,8 @@ def needle_prompt(
             f"needle length={length} is too short: the instructions, needle and question alone take "
             f"{length - budget} tokens"
         )
-    pool = pool.reshape(-1)
-    if pool.numel() < budget:
-        raise ValueError(
-            f"needle length={length} needs a haystack of {budget} tokens but the corpus pool has only "
-            f"{pool.numel()}: use a shorter length or a larger corpus"
-        )
-    start = rng.randrange(pool.numel() - budget + 1)
-    haystack = pool[start : start + budget].tolist()  # [budget]
-    target = round(depth * budget)
-    lo, hi = max(0, target - SNAP_WINDOW), min(budget, target + SNAP_WINDOW)
-    ends = _boundary_tokens(tokenizer, haystack[max(0, lo - 1) : hi])
-    candidates = [c for c in range(lo, hi + 1) if c in (0, budget) or haystack[c - 1] in ends]
-    cut = min(candidates, key=lambda c: (abs(c - target), c)) if candidates else target
+    haystack = haystack_span(pool, budget, rng, f"needle length={length}")
+    cut = snap_cut(tokenizer, haystack, depth)
     ids, key_start = _assemble(head, haystack, cut, needle, tail)
     assert ids.numel() == length
     return RetrievalPrompt(ids, value, length, float(depth), cut / budget, key_start, seed)

@@ -50,14 +50,14 @@ from posheads.data.retrieval import (
     PASSKEY_KEY,
     PASSKEY_QUESTION,
     PASSKEY_TASK,
-    SNAP_WINDOW,
     _bos,
-    _boundary_tokens,
     _encode,
     _random_number,
     derive_seed,
+    haystack_span,
     needle_prompt,
     passkey_prompt,
+    snap_cut,
 )
 
 __all__ = [
@@ -253,21 +253,8 @@ def _place(
             f"{task} length={length} is too short: the instructions, inserts and question alone take "
             f"{length - budget} tokens"
         )
-    pool = pool.reshape(-1)
-    if pool.numel() < budget:
-        raise ValueError(
-            f"{task} length={length} needs a haystack of {budget} tokens but the corpus pool has only "
-            f"{pool.numel()}: use a shorter length or a larger corpus"
-        )
-    start = random.Random(seed_haystack).randrange(pool.numel() - budget + 1)
-    haystack = pool[start : start + budget].tolist()
-    ends = _boundary_tokens(tokenizer, haystack)
-    cuts: list[int] = []
-    for d in depths:
-        target = round(d * budget)
-        lo, hi = max(0, target - SNAP_WINDOW), min(budget, target + SNAP_WINDOW)
-        cands = [c for c in range(lo, hi + 1) if c in (0, budget) or haystack[c - 1] in ends]
-        cuts.append(min(cands, key=lambda c: (abs(c - target), c)) if cands else target)
+    haystack = haystack_span(pool, budget, random.Random(seed_haystack), f"{task} length={length}")
+    cuts = [snap_cut(tokenizer, haystack, d) for d in depths]
     order = sorted(range(len(inserts)), key=lambda i: (cuts[i], i))  # stable: equal cuts keep given order
     ids = list(head)
     starts = [0] * len(inserts)
