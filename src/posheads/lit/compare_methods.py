@@ -263,56 +263,66 @@ def correlation_lines(result: dict[str, Any]) -> list[str]:
 
 
 def plot(result: dict[str, Any], path: str | Path) -> Path:
-    """HDA extension vs long-bucket PPL, one point per run (error bars: the intervals), coloured by method,
-    marker by setting; one panel per variant."""
+    """HDA extension (top row) and HDA area (bottom row) vs long-bucket PPL, one point per run (error bars: the
+    intervals), coloured by method, marker by setting; one column per sink variant; each panel titled with its
+    correlation test."""
     plt = pyplot()
     rows = result["runs"]
     variants = sorted({v for r in rows for v in r["hda"]})
     methods = sorted({str(r["method"]) for r in rows})
     colours = {m: f"C{i % 10}" for i, m in enumerate(methods)}
     markers = {s: m for s, m in zip(sorted({r["setting"] for r in rows}), "os^Dv")}
-    fig, axes = plt.subplots(1, len(variants), figsize=(5.2 * len(variants), 4.2), squeeze=False)
-    for ax, v in zip(axes[0], variants):
-        seen = set()
-        for r in rows:
-            h = r["hda"].get(v)
-            if h is None or h["extension_bin"]["mean"] is None:
-                continue
-            b = _long_bucket(r)
-            x, e = h["extension_bin"]["mean"], h["extension_bin"]
-            label = f"{r['method']} ({r['setting']})"
-            ax.errorbar(
-                [x],
-                [b["ppl"]],
-                xerr=[[x - e["lo"]], [e["hi"] - x]],
-                yerr=[[b["ppl"] - b["ppl_lo"]], [b["ppl_hi"] - b["ppl"]]],
-                fmt=markers[r["setting"]],
-                color=colours[str(r["method"])],
-                capsize=2,
-                label=None if label in seen else label,
-            )
-            if r.get("factor"):
-                ax.annotate(
-                    f"x{r['factor']:g}", (x, b["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points"
+    fig, axes = plt.subplots(len(HDA_KEYS), len(variants), figsize=(5.2 * len(variants), 3.9 * len(HDA_KEYS)),
+                             squeeze=False)  # fmt: skip
+    edges = next(r["hda"][v]["bin_edges"] for r in rows for v in r["hda"])
+    xlabels = {
+        "extension_bin": f"HDA extension (log2 bin; {len(edges) - 1} = {edges[-1][0]}-{edges[-1][1]})",
+        "area": "HDA area (sum over bins)",
+    }
+    for row_axes, key in zip(axes, HDA_KEYS):
+        for ax, v in zip(row_axes, variants):
+            seen = set()
+            for r in rows:
+                h = r["hda"].get(v)
+                if h is None or h[key]["mean"] is None:
+                    continue
+                b = _long_bucket(r)
+                x, e = h[key]["mean"], h[key]
+                label = f"{r['method']} ({r['setting']})"
+                ax.errorbar(
+                    [x],
+                    [b["ppl"]],
+                    xerr=[[x - e["lo"]], [e["hi"] - x]],
+                    yerr=[[b["ppl"] - b["ppl_lo"]], [b["ppl_hi"] - b["ppl"]]],
+                    fmt=markers[r["setting"]],
+                    color=colours[str(r["method"])],
+                    capsize=2,
+                    label=None if label in seen else label,
                 )
-            seen.add(label)
-        ax.set_yscale("log")
-        edges = rows[0]["hda"][v]["bin_edges"]
-        ax.set_xlabel(
-            f"HDA extension of the Positional Heads [{v}] (log2 distance bin; bin {len(edges) - 1} = {edges[-1][0]}-{edges[-1][1]})"
-        )
-        ax.set_ylabel(f"PPL, tokens {rows[0]['perplexity'][-1]['bucket']}")
-        c = result["correlations"]
-        texts = []
-        for setting, per_v in c.items():
-            cc = per_v.get(v, {}).get("extension_bin", {})
-            if "pooled_spearman" in cc:
-                texts.append(
-                    f"{setting}: rho={cc['pooled_spearman']:+.2f} (n={cc['n']}), methods p={cc['labels']['p_value']:.2f}, "
-                    f"within p={cc['within']['p_value'] if cc['within']['p_value'] is not None else float('nan'):.2f}"
-                )
-        ax.set_title("\n".join(texts) or v, fontsize=7)
-        ax.legend(fontsize=6)
+                if r.get("factor"):
+                    ax.annotate(
+                        f"x{r['factor']:g}",
+                        (x, b["ppl"]),
+                        fontsize=7,
+                        xytext=(3, 3),
+                        textcoords="offset points",
+                    )
+                seen.add(label)
+            ax.set_yscale("log")
+            ax.set_xlabel(f"{xlabels[key]} [{v}]", fontsize=8)
+            ax.set_ylabel(f"PPL, tokens {rows[0]['perplexity'][-1]['bucket']}", fontsize=8)
+            texts = []
+            for setting, per_v in result["correlations"].items():
+                cc = per_v.get(v, {}).get(key, {})
+                if "pooled_spearman" in cc:
+                    within = cc["within"]["p_value"]
+                    texts.append(
+                        f"{setting}: rho={cc['pooled_spearman']:+.2f} (n={cc['n']}), "
+                        f"methods p={cc['labels']['p_value']:.2f}, "
+                        f"within p={within if within is not None else float('nan'):.2f}"
+                    )
+            ax.set_title("\n".join(texts) or v, fontsize=7)
+            ax.legend(fontsize=6)
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)
