@@ -19,7 +19,15 @@ from posheads.eval.sweep import control_family, own_controls
 
 
 def _records(
-    offsets, *, task="passkey", length=1024, depths=(0.1, 0.5, 0.9), trials=8, base=None, correct=None
+    offsets,
+    *,
+    task="passkey",
+    length=1024,
+    depths=(0.1, 0.5, 0.9),
+    trials=8,
+    base=None,
+    correct=None,
+    answer_tokens=2,
 ):
     """One record per (condition, depth, trial): logprob = base[trial] + offsets[condition]."""
     rng = np.random.default_rng(0)
@@ -33,7 +41,7 @@ def _records(
                 out.append(
                     {"section": "retrieval", "task": task, "condition": cond, "length": length, "depth": depth,
                      "difficulty": None, "seed": derive_seed(task, 0, length, depth, t), "trial": t,
-                     "logprob": lp, "correct": bool(ok)}
+                     "logprob": lp, "correct": bool(ok), "ranks": [0] * answer_tokens}
                 )  # fmt: skip
     return out
 
@@ -74,6 +82,7 @@ def test_contrasts_use_each_sets_own_controls_per_prompt():
     assert c["logprob"]["lo"] == pytest.approx(-7.0) and c["logprob"]["hi"] == pytest.approx(-7.0)
     assert c["per_control"]["random@0"]["logprob"]["value"] == pytest.approx(-8.0)
     assert c["per_control"]["random@1"]["logprob"]["value"] == pytest.approx(-6.0)
+    assert c["token_logprob"]["value"] == pytest.approx(-3.5)  # 2 answer tokens
     assert c["below_every_control_logprob"]
     assert con[("positional_allkeys", "random_allkeys")]["logprob"]["value"] == pytest.approx(-4.0)
     assert con[("positional_allkeys", "none")]["logprob"]["value"] == pytest.approx(-5.0)

@@ -56,7 +56,9 @@ __all__ = [
     "summary_tables",
 ]
 
-METRICS = ("logprob", "correct")
+#: Per prompt: the answer's log-probability (nats, summed over its tokens), exact match (0/1) and the
+#: log-probability per answer token (comparable across tasks whose answers differ in length).
+METRICS = ("logprob", "correct", "token_logprob")
 
 
 def load_suite_records(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -112,13 +114,15 @@ class _Cell:
     """The records of one (task, length): per condition, per prompt, the two metrics; the haystack of each."""
 
     def __init__(self, recs: Sequence[Mapping[str, Any]]):
-        self.values: dict[str, dict[tuple[Any, ...], tuple[float, float]]] = defaultdict(dict)
+        self.values: dict[str, dict[tuple[Any, ...], tuple[float, float, float]]] = defaultdict(dict)
         for r in recs:
-            self.values[r["condition"]][_prompt_key(r)] = (float(r["logprob"]), float(bool(r["correct"])))
+            n_tokens = max(1, len(r.get("ranks") or ()))
+            lp = float(r["logprob"])
+            self.values[r["condition"]][_prompt_key(r)] = (lp, float(bool(r["correct"])), lp / n_tokens)
         self.conditions = list(self.values)
 
     def paired(self, conditions: Sequence[str]) -> tuple[list[tuple[Any, ...]], dict[str, np.ndarray]]:
-        """Prompts every one of ``conditions`` has, and ``{condition: [n, 2]}`` (logprob, correct)."""
+        """Prompts every one of ``conditions`` has, and ``{condition: [n, 3]}`` (:data:`METRICS`)."""
         keys = sorted(set.intersection(*(set(self.values[c]) for c in conditions)), key=repr)
         return keys, {c: np.asarray([self.values[c][k] for k in keys], dtype=np.float64) for c in conditions}
 
@@ -146,7 +150,7 @@ def _interval(point: float, boot: np.ndarray, level: float) -> dict[str, Any]:
 def _diff_stats(
     a: np.ndarray, b: np.ndarray, clusters: Sequence[Any], n_boot: int, seed: int, level: float
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Paired mean of ``a - b`` (``[n, 2]``: logprob, correct) with its cluster-bootstrap interval."""
+    """Paired mean of ``a - b`` (``[n, 3]``: :data:`METRICS`) with its cluster-bootstrap interval."""
     d = a - b
     boot = _cluster_boot(d, clusters, n_boot, seed)
     point = d.mean(axis=0)
@@ -197,6 +201,7 @@ def summarize(
                 "accuracy": _interval(float(v[:, 1].mean()), boot[:, 1], level),
                 "accuracy_wilson": [wlo, whi],
                 "logprob": _interval(float(v[:, 0].mean()), boot[:, 0], level),
+                "token_logprob": _interval(float(v[:, 2].mean()), boot[:, 2], level),
             }
             if len(with_none) == 2:
                 diff, _ = _diff_stats(v, vals["none"], clusters, n_boot, cell_seed, level)
@@ -212,7 +217,7 @@ def summarize(
                 if not keys:
                     continue
                 clusters = [k[2] for k in keys]
-                ctrl = np.mean([vals[c] for c in members], axis=0)  # [n, 2]
+                ctrl = np.mean([vals[c] for c in members], axis=0)  # [n, 3]
                 diff, boot = _diff_stats(vals[pos], ctrl, clusters, n_boot, cell_seed, level)
                 per_seed = {
                     c: _diff_stats(vals[pos], vals[c], clusters, n_boot, cell_seed, level)[0] for c in members
@@ -236,7 +241,7 @@ def summarize(
                 boots[(length, pos, vs)][task] = boot
     pooled = []
     for (length, pos, vs), per_task in boots.items():
-        stacked = np.stack(list(per_task.values()))  # [T, B, 2]: the tasks' bootstrap means, independent
+        stacked = np.stack(list(per_task.values()))  # [T, B, 3]: the tasks' bootstrap means, independent
         point = [c for c in contrasts_out if (c["length"], c["set"], c["versus"]) == (length, pos, vs)]
         mean = {m: float(np.mean([c[m]["value"] for c in point])) for m in METRICS}
         pooled.append(
@@ -316,14 +321,15 @@ def summary_tables(summary: Mapping[str, Any]) -> str:
         "",
         "Contrasts: Positional set minus `none` / minus the mean of its clean controls (per prompt)",
         "",
-        "| task | length | set | versus | n | Δ exact match | Δ log p | Δ log p per control seed |",
-        "|---|---:|---|---|---:|---|---|---|",
+        "| task | length | set | versus | n | Δ exact match | Δ log p | Δ log p per token | Δ log p per control seed |",
+        "|---|---:|---|---|---:|---|---|---|---|",
     ]
     for c in summary["contrasts"]:
         seeds = ", ".join(f"{k}: {v['logprob']['value']:+.2f}" for k, v in c["per_control"].items())
         lines.append(
             f"| {c['task']} | {c['length']} | {c['set']} | {c['versus']} | {c['prompts']} | "
-            f"{_fmt(c['correct'], sign=True)} | {_fmt(c['logprob'], sign=True)} | {seeds or '—'} |"
+            f"{_fmt(c['correct'], sign=True)} | {_fmt(c['logprob'], sign=True)} | "
+            f"{_fmt(c['token_logprob'], sign=True)} | {seeds or '—'} |"
         )
     for lc in summary.get("perplexity_lc", []):
         lines += [
@@ -350,13 +356,14 @@ def summary_tables(summary: Mapping[str, Any]) -> str:
         "",
         "Pooled over tasks (each task weighs the same; bootstrap stratified by task)",
         "",
-        "| length | set | versus | tasks | n | Δ exact match | Δ log p |",
-        "|---:|---|---|---:|---:|---|---|",
+        "| length | set | versus | tasks | n | Δ exact match | Δ log p | Δ log p per token |",
+        "|---:|---|---|---:|---:|---|---|---|",
     ]
     for p in summary["pooled"]:
         lines.append(
             f"| {p['length']} | {p['set']} | {p['versus']} | {len(p['tasks'])} | {p['prompts']} | "
-            f"{_fmt(p['correct'], sign=True)} | {_fmt(p['logprob'], sign=True)} |"
+            f"{_fmt(p['correct'], sign=True)} | {_fmt(p['logprob'], sign=True)} | "
+            f"{_fmt(p['token_logprob'], sign=True)} |"
         )
     return "\n".join(lines) + "\n"
 
