@@ -268,17 +268,20 @@ def summarize(
     }
 
 
-def summarize_run(run_dir: str | Path, *, long_context: bool = True, **kw: Any) -> dict[str, Any]:
+def summarize_run(
+    run_dir: str | Path, *, long_context: bool = True, lengths: Sequence[int] | None = None, **kw: Any
+) -> dict[str, Any]:
     """:func:`summarize` of a run directory (its ``results.json`` protocol gives the suite's seed and trials);
     with ``long_context``, also the intervals of its long-context-sensitive perplexity
-    (:func:`posheads.eval.longctx.long_context_intervals`; evaluate.py stores those on their own)."""
+    (:func:`posheads.eval.longctx.long_context_intervals`; evaluate.py stores those on their own).
+    ``lengths``: only the suite records of these lengths (e.g. leave out a length a stopped run had begun)."""
     from posheads.eval.longctx import long_context_intervals
     from posheads.eval.results import load_results
 
     data = load_results(run_dir)
     proto = data["protocol"]
     suite = proto.get("retrieval") or {}
-    records = load_suite_records(run_dir)
+    records = [r for r in load_suite_records(run_dir) if lengths is None or int(r["length"]) in lengths]
     out: dict[str, Any] = {"cells": [], "contrasts": [], "pooled": []}
     if records:
         out = summarize(attach_trials(records, int(suite.get("seed", 0)), int(suite.get("trials", 0))), **kw)
@@ -438,10 +441,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     ap.add_argument("--n-boot", type=int, default=DEFAULT_BOOT)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--lengths", type=int, nargs="*", default=None, help="only these suite lengths")
     args = ap.parse_args(argv)
     out = Path(args.out or args.run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize_run(args.run_dir, n_boot=args.n_boot, seed=args.seed)
+    summary = summarize_run(args.run_dir, n_boot=args.n_boot, seed=args.seed, lengths=args.lengths)
+    if args.lengths is not None:
+        summary["lengths"] = args.lengths
     from posheads.atomic import atomic_write_json, atomic_write_text
 
     atomic_write_json(out / "summary.json", summary, indent=1)
