@@ -193,8 +193,9 @@ def evaluate_long_context_perplexity(
             def fn(n: int) -> torch.Tensor:
                 return token_logprobs(model, ids.expand(n, -1))  # [n, L-1]
 
-            lp = torch.stack(runner.call(group, fn)).double().cpu()  # [G, L-1]
-            return torch.stack([-(lp * mask).sum(1), -lp.sum(1)], dim=1)  # [G, 2]: lc, plain NLL sums
+            lp = torch.stack(runner.call(group, fn)).double()  # [G, L-1]
+            m = mask.to(lp.device)
+            return torch.stack([-(lp * m).sum(1), -lp.sum(1)], dim=1).cpu()  # [G, 2]: lc, plain NLL sums
 
         def scoring_bar(
             items: Any, desc: str = f"lc-ppl L={length} [{','.join(c.name for c in group)}]"
