@@ -10,10 +10,10 @@ import contextlib
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from posheads.heads import attention_hooks
 from posheads.heads.stats import PairStats, RowPlan, collector_for_model, num_bins_for, sample_query_rows
+from test_heads_ablation import tiny  # the same tiny GQA Llama (3 layers, 4 heads over 2 KV heads, seed 0)
 
 #: aten ops that read a tensor's values on the host (item/int/float/bool) or whose output shape depends on
 #: the values (so that a GPU must synchronise to size it)
@@ -56,23 +56,6 @@ def no_host_sync():
             yield
     finally:
         torch.Tensor.tolist, torch.Tensor.numpy = saved  # type: ignore[method-assign]
-
-
-def tiny(device: str = "cpu") -> LlamaForCausalLM:
-    cfg = LlamaConfig(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=256,
-        rope_parameters={"rope_type": "default", "rope_theta": 100.0},
-        attn_implementation="sdpa",
-    )
-    torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval().to(device)
 
 
 def _inputs(padding: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -161,7 +144,7 @@ def test_identify_prepares_its_plans():
 
 @pytest.mark.gpu
 def test_prepared_pass_has_no_cuda_sync_in_the_layers():
-    model = tiny("cuda")
+    model = tiny().to("cuda")
     ids, am, valid = _inputs(True)
 
     @contextlib.contextmanager
